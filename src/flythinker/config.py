@@ -1,0 +1,189 @@
+"""Typed configuration for every knob: the model, training and decoding.
+
+Each dataclass validates itself in ``__post_init__`` so a bad value fails where it is set, with a
+message that names the field, rather than deep inside torch many minutes later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from flythinker.errors import FlyThinkerError
+
+Fusion = Literal["pad", "linear"]
+DType = Literal["float32", "bfloat16", "float16"]
+Overlap = Literal["none", "streams", "devices"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise FlyThinkerError(message)
+
+
+@dataclass
+class FlyThinkerConfig:
+    """How the reasoner's vectors enter the generator (DESIGN.md section 1).
+
+    Attributes:
+        reasoner: Reasoner model: a local directory, a built-in alias (see `flythinker.sources`)
+            or a Hugging Face hub id. A saved checkpoint records it for provenance.
+        generator: Generator model, resolved the same way; its tokenizer is the one both share.
+        lam: lambda, the weight of the reasoning vector in the generator's input. 0 recovers
+            plain SFT exactly; the paper finds 0.2-2 beats SFT and 5 degrades. Published: 0.5.
+        rescale: Scale each reasoning vector to the mean L2 norm of the generator's embedding
+            table (both norms detached), as the published code does; raw hidden states are often
+            10-100x larger than token embeddings and would swamp them.
+        fusion: How a d_R-dim vector enters a d_G-dim embedding: "pad" adds it into the first
+            d_R dimensions (published; needs d_R <= d_G), "linear" learns a projection.
+        dtype: Weight dtype of both models; float32 is what the exactness tests use.
+    """
+
+    reasoner: str = "tiny"
+    generator: str = "tiny"
+    lam: float = 0.5
+    rescale: bool = True
+    fusion: Fusion = "pad"
+    dtype: DType = "float32"
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0,
+            f"lam (lambda) must be a finite number >= 0, got {self.lam!r}",
+        )
+        _require(
+            self.fusion in ("pad", "linear"),
+            f"fusion must be 'pad' or 'linear', got {self.fusion!r}",
+        )
+        _require(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}",
+        )
+
+    def to_json_file(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: Path) -> FlyThinkerConfig:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FlyThinkerError(f"cannot read FlyThinker config {path}: {exc}") from exc
+        return from_dict(cls, raw, source=str(path))
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings, the same for every method of a comparison.
+
+    Attributes:
+        max_new_tokens: Most tokens generated per prompt (published: 1536).
+        do_sample: False decodes greedily; True samples with temperature, top_k and top_p.
+        temperature: Softmax temperature when sampling (published: 0.8).
+        top_p: Nucleus sampling mass; 1 disables it (published: 0.95).
+        top_k: Keep only the k most likely tokens when sampling; 0 disables it.
+        seed: Seed of the sampler, so a sampled run can be repeated exactly.
+        overlap: "none" runs the reasoner step then the generator step; "streams" runs them on
+            two CUDA streams of one GPU; "devices" when the two models sit on different devices.
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    seed: int = 0
+    overlap: Overlap = "none"
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            f"temperature must be > 0, got {self.temperature}",
+        )
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        _require(
+            self.overlap in ("none", "streams", "devices"),
+            f"overlap must be none, streams or devices, got {self.overlap!r}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """One training run: optimisation, batching and where results go.
+
+    Published settings (3B models on LongLaMP): AdamW, lr 5e-6, weight decay 0.025, 5 epochs, bf16.
+
+    Attributes:
+        output_dir: Run directory: the checkpoint, train_log.jsonl and run_config.yaml go here.
+        epochs: Passes over the training data (fractions allowed).
+        max_steps: Stop after this many optimizer steps; 0 runs all epochs.
+        batch_size: Examples per forward pass.
+        grad_accum: Forward passes per optimizer step (effective batch = batch_size * grad_accum).
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Fraction of the steps spent warming the learning rate up from 0.
+        schedule: Learning-rate schedule after warm-up: cosine, linear or constant.
+        max_grad_norm: Clip the global gradient norm to this; 0 disables clipping.
+        mixed_precision: "no", "bf16" or "fp16" autocast through accelerate.
+        seed: Seed of weights initialised here, data order and dropout.
+        log_every: Write a line to train_log.jsonl every this many optimizer steps.
+        max_prompt_tokens: Longest prompt in tokens (published profile 1250 + query 300); a
+            longer one keeps its end, where the query is.
+        max_target_tokens: Longest target in tokens (published 1000); a longer one keeps its start.
+    """
+
+    output_dir: str = "runs/train"
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-6
+    weight_decay: float = 0.025
+    warmup_ratio: float = 0.0
+    schedule: Schedule = "cosine"
+    max_grad_norm: float = 1.0
+    mixed_precision: MixedPrecision = "no"
+    seed: int = 0
+    log_every: int = 1
+    max_prompt_tokens: int = 1550
+    max_target_tokens: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _require(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
+        _require(self.max_target_tokens >= 1, "max_target_tokens must be >= 1")
+
+
+def from_dict(cls: type, raw: Any, source: str = "config") -> Any:
+    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys (typos) by name."""
+    if not isinstance(raw, dict):
+        raise FlyThinkerError(f"{source}: expected a mapping for {cls.__name__}, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise FlyThinkerError(
+            f"{source}: unknown key(s) {', '.join(unknown)} for {cls.__name__}; "
+            f"known keys: {', '.join(sorted(names))}"
+        )
+    return cls(**raw)
+
+
+__all__ = [
+    "FlyThinkerConfig",
+    "GenerationConfig",
+    "TrainConfig",
+    "from_dict",
+]

@@ -1,0 +1,290 @@
+"""FlyThinker: a Reasoner LM whose last hidden states steer a Generator LM, token by token.
+
+At position i the generator reads ``e_G(s_i) + lam * rescale(h_{i-1})`` where ``h_{i-1}`` is the
+reasoner's final (post-norm) hidden state after reading ``s_0..s_{i-1}``. No reasoning vector
+depends on an earlier one, so training is one parallel pass per model (this file) and decoding
+runs both models side by side (`flythinker.decoding`).
+
+The reasoner's LM head is not on the loss path: it receives no gradient and stays as loaded,
+except where it is tied to the input embeddings (which do train). It is kept, not dropped, so the
+checkpoint stays a complete causal LM and the "reasoning lens" can read what a vector means.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from flythinker.config import FlyThinkerConfig
+from flythinker.errors import FlyThinkerError
+from flythinker.io import atomic_directory
+
+CONFIG_NAME = "flythinker_config.json"
+PROJECTION_NAME = "projection.safetensors"
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class FlyThinkerOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor  # (batch, seq, vocab): the generator's next-token logits
+    reasoning: torch.Tensor  # (batch, seq, d_R): h_i, the reasoner's vector after reading s_0..s_i
+
+
+class FlyThinker(nn.Module):
+    """A reasoner and a generator that share one tokenizer, trained jointly.
+
+    Build with `from_models` (models in memory), `from_config` (names or paths) or
+    `from_pretrained` (a saved checkpoint directory).
+    """
+
+    def __init__(
+        self,
+        reasoner: PreTrainedModel,
+        generator: PreTrainedModel,
+        config: FlyThinkerConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        _check_compatible(reasoner, generator, tokenizer)
+        self.config = config
+        self.reasoner = reasoner
+        self.generator = generator
+        self.tokenizer = tokenizer
+        d_r, d_g = self.reasoner_width, self.generator_width
+        if config.fusion == "pad" and d_r > d_g:
+            raise FlyThinkerError(
+                f"fusion='pad' adds the reasoner's {d_r}-dim vector into the generator's {d_g}-dim "
+                "embedding and needs d_R <= d_G; use fusion='linear' for a wider reasoner"
+            )
+        self.projection = (
+            nn.Linear(d_r, d_g, bias=False, dtype=generator.dtype, device=generator.device)
+            if config.fusion == "linear"
+            else None
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_models(
+        cls,
+        reasoner: PreTrainedModel,
+        generator: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **config: object,
+    ) -> FlyThinker:
+        """Wrap two causal LMs already in memory; keyword arguments are `FlyThinkerConfig` fields."""
+        return cls(reasoner, generator, FlyThinkerConfig(**config), tokenizer)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_config(cls, config: FlyThinkerConfig) -> FlyThinker:
+        """Load both models by name or path (local dir, built-in alias, then the hub)."""
+        from flythinker.sources import load_causal_lm, load_tokenizer
+
+        generator = load_causal_lm(config.generator, dtype=config.dtype)
+        reasoner = load_causal_lm(config.reasoner, dtype=config.dtype)
+        tokenizer = load_tokenizer(config.generator)
+        if config.reasoner != config.generator:
+            check_same_vocab(tokenizer, load_tokenizer(config.reasoner))
+        return cls(reasoner, generator, config, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: str | None = None) -> FlyThinker:
+        """Load a checkpoint written by `save_pretrained`."""
+        root = Path(path)
+        missing = [
+            name
+            for name in (CONFIG_NAME, "reasoner/config.json", "generator/config.json")
+            if not (root / name).is_file()
+        ]
+        if missing:
+            raise FlyThinkerError(
+                f"{root} is not a complete FlyThinker checkpoint: missing {', '.join(missing)}"
+            )
+        config = FlyThinkerConfig.from_json_file(root / CONFIG_NAME)
+        if dtype is not None:
+            config.dtype = dtype  # type: ignore[assignment]
+        torch_dtype = getattr(torch, config.dtype)
+        try:
+            reasoner = AutoModelForCausalLM.from_pretrained(root / "reasoner", dtype=torch_dtype)
+            generator = AutoModelForCausalLM.from_pretrained(root / "generator", dtype=torch_dtype)
+        except (OSError, ValueError) as exc:
+            raise FlyThinkerError(f"cannot load the models in checkpoint {root}: {exc}") from exc
+        tokenizer = (
+            AutoTokenizer.from_pretrained(root) if (root / "tokenizer_config.json").is_file() else None
+        )
+        model = cls(reasoner, generator, config, tokenizer)
+        if model.projection is not None:
+            if not (root / PROJECTION_NAME).is_file():
+                raise FlyThinkerError(f"{root}: fusion='linear' but {PROJECTION_NAME} is missing")
+            model.projection.load_state_dict(load_file(root / PROJECTION_NAME))
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write an inspectable checkpoint directory, atomically.
+
+        Layout: ``reasoner/`` and ``generator/`` (Hugging Face model dirs), the tokenizer files,
+        ``flythinker_config.json`` and, for linear fusion, ``projection.safetensors``. Files are
+        written into a temporary sibling directory that is renamed into place at the end, so an
+        interrupted save never leaves a half checkpoint under ``path``.
+        """
+        with atomic_directory(path) as tmp:
+            self.reasoner.save_pretrained(tmp / "reasoner")
+            self.generator.save_pretrained(tmp / "generator")
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if self.projection is not None:
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()},
+                    tmp / PROJECTION_NAME,
+                )
+            self.config.to_json_file(tmp / CONFIG_NAME)
+        return Path(path)
+
+    # ------------------------------------------------------------------ the method
+    @property
+    def reasoner_width(self) -> int:
+        return self.reasoner.get_input_embeddings().embedding_dim
+
+    @property
+    def generator_width(self) -> int:
+        return self.generator.get_input_embeddings().embedding_dim
+
+    def target_norm(self) -> torch.Tensor:
+        """Mean L2 norm of the generator's input-embedding rows: the scale of a token's signal."""
+        return self.generator.get_input_embeddings().weight.detach().float().norm(dim=-1).mean()
+
+    def reasoning_signal(self, h: torch.Tensor, target_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """``lam * rescale(h)`` in the generator's embedding space: the term added to ``e_G(s)``.
+
+        ``target_norm`` may be passed in by callers that reuse it across decode steps.
+        """
+        if self.projection is not None:
+            h = self.projection(h.to(self.projection.weight.dtype))
+        elif h.shape[-1] < self.generator_width:
+            h = F.pad(h, (0, self.generator_width - h.shape[-1]))
+        if self.config.rescale:
+            if target_norm is None:
+                target_norm = self.target_norm()
+            scale = target_norm / h.detach().float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            h = h * scale.to(h.dtype)
+        return self.config.lam * h
+
+    def reason(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        **kwargs: object,
+    ):
+        """Run the reasoner's base model (no LM head): ``last_hidden_state`` is h for every position."""
+        return self.reasoner.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+
+    def fused_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        reasoning: torch.Tensor,
+        target_norm: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Generator inputs for a whole sequence: position i gets ``lam * rescale(h_{i-1})``.
+
+        Position 0, and any position whose predecessor is padding (a left-padded row's first real
+        token), gets no signal, so a padded row sees exactly what it sees alone.
+        """
+        embeds = self.generator.get_input_embeddings()(input_ids)
+        signal = self.reasoning_signal(reasoning[:, :-1].to(embeds.device), target_norm)
+        previous_is_real = attention_mask[:, :-1, None].bool().to(embeds.device)
+        # where(), not a product: a fully masked padding row may hold NaN, and NaN * 0 is NaN.
+        signal = torch.where(previous_is_real, signal.to(embeds.dtype), torch.zeros((), dtype=embeds.dtype, device=embeds.device))
+        return embeds + F.pad(signal, (0, 0, 1, 0))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> FlyThinkerOutput:
+        """One reasoner pass, one fused generator pass.
+
+        ``labels`` follow the Hugging Face convention (unshifted, -100 = ignored); the loss is the
+        generator's next-token cross-entropy on the labelled (target + EOS) tokens only.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._check_length(input_ids.shape[1])
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        reasoning = self.reason(input_ids, attention_mask, position_ids).last_hidden_state
+        embeds = self.fused_embeddings(input_ids, attention_mask, reasoning)
+        out = self.generator(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels
+        )
+        return FlyThinkerOutput(loss=out.loss, logits=out.logits, reasoning=reasoning)
+
+    def context_length(self) -> int | None:
+        lengths = [
+            getattr(m.config, "max_position_embeddings", None) for m in (self.reasoner, self.generator)
+        ]
+        known = [n for n in lengths if n]
+        return min(known) if known else None
+
+    def _check_length(self, length: int) -> None:
+        limit = self.context_length()
+        if limit is not None and length > limit:
+            raise FlyThinkerError(
+                f"sequence of {length} tokens exceeds the models' context of {limit} tokens "
+                "(max_position_embeddings); shorten the prompt or lower the token budgets"
+            )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Staggered decoding; see `flythinker.decoding.generate` for the arguments."""
+        from flythinker.decoding import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+
+def _check_compatible(
+    reasoner: PreTrainedModel, generator: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
+) -> None:
+    for role, model in (("reasoner", reasoner), ("generator", generator)):
+        if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
+            raise FlyThinkerError(
+                f"the {role} must be a Hugging Face causal LM (got {type(model).__name__})"
+            )
+    v_r, v_g = reasoner.config.vocab_size, generator.config.vocab_size
+    if v_r != v_g:
+        raise FlyThinkerError(
+            f"reasoner and generator must share one tokenizer, but their vocabularies differ "
+            f"({v_r} vs {v_g} tokens)"
+        )
+    if tokenizer is not None and len(tokenizer) > v_g:
+        raise FlyThinkerError(
+            f"the tokenizer has {len(tokenizer)} tokens but the models' vocabulary has {v_g}"
+        )
+
+
+def check_same_vocab(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> None:
+    """Fail unless two tokenizers map every token string to the same id."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        differing = sorted(set(va.items()) ^ set(vb.items()))[:3]
+        raise FlyThinkerError(
+            "reasoner and generator must share one tokenizer, but their vocabularies differ "
+            f"({len(va)} vs {len(vb)} tokens; e.g. {differing})"
+        )
+

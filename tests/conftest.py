@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random models built from config and the shipped byte-level tokenizer.
+
+Everything here is offline and deterministic: the same seed always builds the same weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flythinker.model import FlyThinker
+from flythinker.sources import build_tiny, load_tokenizer
+
+PROMPTS = [
+    "Write a review of the blue kettle.",
+    "Hi",
+    "An abstract about direction-of-arrival estimation with sparse arrays, please.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """``make_model(lam=0.5, fusion="pad", d_r=64, d_g=64, **cfg)`` -> FlyThinker in fp32."""
+
+    def make(lam: float = 0.5, fusion: str = "pad", d_r: int = 64, d_g: int = 64, **config) -> FlyThinker:
+        reasoner = build_tiny(d_r, seed=1, **config.pop("reasoner_overrides", {}))
+        generator = build_tiny(d_g, seed=2, **config.pop("generator_overrides", {}))
+        torch.manual_seed(3)  # the linear projection's initialisation
+        return FlyThinker.from_models(reasoner, generator, tokenizer, lam=lam, fusion=fusion, **config).eval()
+
+    return make
+
+
+@pytest.fixture
+def prompt_batch(tokenizer):
+    """Left-padded prompts of different lengths."""
+    return tokenizer(PROMPTS, return_tensors="pt", padding=True)

@@ -1,0 +1,112 @@
+"""The training loop: gradients reach both models, a tiny model learns, the CLI writes a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from flythinker.cli import main
+from flythinker.config import TrainConfig
+from flythinker.data.collate import Example, collate, encode
+from flythinker.model import FlyThinker
+from flythinker.train import train
+
+WORDS = "apple river stone cloud light music paper garden window silver".split()
+
+
+def copy_examples(n: int, seed: int = 0) -> list[Example]:
+    """Targets copyable from the prompt: a model that uses its input can drive the loss near zero."""
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(5))
+        examples.append(Example(str(i), f"Repeat: {words}\nAnswer:", f" {words}"))
+    return examples
+
+
+def test_one_step_changes_every_parameter_on_the_loss_path(make_model, tokenizer, tmp_path):
+    model = make_model(fusion="linear", d_r=32, d_g=64)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, lr=1e-2, weight_decay=0.0)
+    train(model, tokenizer, copy_examples(4), config, save=False, show_progress=False)
+    unchanged = [name for name, p in model.named_parameters() if torch.equal(before[name], p)]
+    # The reasoner's (untied) LM head is not on the loss path: its vectors feed the generator
+    # before any head. It is kept, unchanged, for the reasoning lens. Everything else must move.
+    assert unchanged == ["reasoner.lm_head.weight"]
+
+
+def test_encode_masks_the_prompt_and_appends_eos(tokenizer):
+    item = encode(tokenizer, Example("0", "Prompt here:", " the target"), 100, 100)
+    n_prompt = len(tokenizer("Prompt here:", add_special_tokens=False).input_ids)
+    assert item.labels[:n_prompt] == [-100] * n_prompt
+    assert item.labels[n_prompt:] == item.input_ids[n_prompt:]
+    assert item.input_ids[-1] == tokenizer.eos_token_id
+    batch = collate([item, encode(tokenizer, Example("1", "P:", " t"), 100, 100)], pad_token_id=0)
+    assert batch["attention_mask"][1].tolist()[: len(item.input_ids) - 4] == [0] * (len(item.input_ids) - 4)
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_budgets_keep_the_prompts_end_and_the_targets_start(tokenizer):
+    item = encode(tokenizer, Example("0", "a b c d e f g h", " one two three four five"), 3, 2)
+    assert tokenizer.decode(item.input_ids[:3]) == tokenizer.decode(
+        tokenizer("a b c d e f g h").input_ids[-3:]
+    )
+    assert len(item.input_ids) == 3 + 2 + 1
+
+
+def test_tiny_model_learns_to_copy(make_model, tokenizer, tmp_path):
+    model = make_model(lam=0.5)
+    config = TrainConfig(output_dir=str(tmp_path), epochs=8, batch_size=8, lr=3e-3, warmup_ratio=0.1)
+    result = train(model, tokenizer, copy_examples(64), config, show_progress=False)
+    first, last = result.losses[0], sum(result.losses[-4:]) / 4
+    assert last < 0.3 * first, f"loss fell only from {first:.3f} to {last:.3f}"
+    log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, result.steps + 1))
+    reloaded = FlyThinker.from_pretrained(result.checkpoint)
+    assert reloaded.config.lam == 0.5
+    assert (result.checkpoint / "run_config.yaml").is_file()
+
+
+def test_gradient_accumulation_steps_once_per_group(make_model, tokenizer, tmp_path):
+    """8 examples, micro-batches of 2, 4 per step: 2 epochs are 2 optimizer steps of 8 samples."""
+    model = make_model()
+    config = TrainConfig(output_dir=str(tmp_path), epochs=2, batch_size=2, grad_accum=4, lr=1e-3)
+    result = train(model, tokenizer, copy_examples(8), config, save=False, show_progress=False)
+    assert result.steps == 2 and len(result.losses) == 2 and result.samples == 16
+
+
+def test_train_cli_end_to_end(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": e.prompt, "target": e.target}) for e in copy_examples(8)))
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--training.output_dir", str(out),
+                 "--training.max_steps", "2", "--training.batch_size", "4", "--model.lam", "0.25"])
+    assert code == 0
+    assert "checkpoint:" in capsys.readouterr().out
+    assert FlyThinker.from_pretrained(out / "checkpoint").config.lam == 0.25
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "p", "target": "t"}\n{"prompt": "p"', "pairs.jsonl:2: malformed JSON"),
+        ('{"prompt": "p", "target": 3}', "pairs.jsonl:1: field 'target' must be a non-empty string"),
+        ('["p", "t"]', "pairs.jsonl:1: expected an object"),
+        ("", "no records"),
+    ],
+)
+def test_train_cli_bad_data_is_one_clear_line(tmp_path, capsys, content, message):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(content)
+    assert main(["train", "--data", str(data), "--training.output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_train_cli_missing_file(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
