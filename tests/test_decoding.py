@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flythinker.config import GenerationConfig
-from flythinker.decoding import generate
+from flythinker.decoding import generate, generate_plain
 from flythinker.errors import FlyThinkerError
 
 from conftest import PROMPTS
@@ -75,6 +75,18 @@ def test_lambda_zero_decodes_like_the_plain_generator(make_model, prompt_batch):
         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
     )[:, prompt_batch.input_ids.shape[1]:]
     assert torch.equal(ours.sequences, theirs)
+
+
+def test_plain_decoding_matches_transformers_generate(make_model, tokenizer, prompt_batch):
+    """The baselines' decode loop (same sampler, same stopping) agrees with Hugging Face's."""
+    lm = make_model().generator
+    ours = generate_plain(lm, prompt_batch.input_ids, prompt_batch.attention_mask, tokenizer=tokenizer,
+                          max_new_tokens=NEW_TOKENS, eos_token_id=-1).sequences
+    theirs = lm.generate(
+        input_ids=prompt_batch.input_ids, attention_mask=prompt_batch.attention_mask,
+        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+    )[:, prompt_batch.input_ids.shape[1]:]
+    assert torch.equal(ours, theirs)
 
 
 def test_each_row_stops_at_its_own_eos(make_model, prompt_batch):

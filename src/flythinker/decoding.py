@@ -22,12 +22,13 @@ import dataclasses
 import functools
 import inspect
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -56,34 +57,161 @@ class GenerationOutput:
     reasoning: list[torch.Tensor] | None = None
 
 
+class StepDecoder(ABC):
+    """One model family's prefill and decode step; `decode` owns the loop around them.
+
+    ``prefill`` reads the left-padded prompts and ``step`` one new token per row; both return the
+    (batch, vocab) next-token logits. Implementations keep their own caches.
+    """
+
+    device: torch.device  # where logits come out and tokens are chosen
+
+    @abstractmethod
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def reasoning(self) -> torch.Tensor | None:
+        """The reasoning vector fused into the step that produced the current logits, if any."""
+        return None
+
+
+class CausalLMDecoder(StepDecoder):
+    """A plain Hugging Face causal LM with a KV cache: the SFT and zero-shot baselines."""
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        self.lm, self.device = lm, lm.device
+        self.cache = cache_kwargs(lm, DynamicCache(config=lm.config))
+
+    def prefill(self, input_ids, attention_mask, position_ids):
+        return self._logits(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
+
+    def step(self, tokens, attention_mask, position_ids):
+        return self._logits(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids)
+
+    def _logits(self, **inputs) -> torch.Tensor:
+        return self.lm(**inputs, use_cache=True, **self.cache).logits[:, -1].float()
+
+
+class FlyThinkerDecoder(StepDecoder):
+    """Reasoner and generator in lockstep, each with its own cache, on the devices they are on."""
+
+    def __init__(self, model: FlyThinker, overlap: str = "none") -> None:
+        self.model = model
+        self.r_dev, self.device = model.reasoner.device, model.generator.device
+        self.streams = _Streams.for_mode(overlap, self.r_dev, self.device)
+        self.target_norm = model.target_norm() if model.config.rescale else None
+        # Caches are made here and filled in place by the models, one per role.
+        self.r_cache = cache_kwargs(model.reasoner.base_model, DynamicCache(config=model.reasoner.config))
+        self.g_cache = cache_kwargs(model.generator, DynamicCache(config=model.generator.config))
+        self.h_prev: torch.Tensor | None = None
+
+    def prefill(self, input_ids, attention_mask, position_ids):
+        model, r_dev = self.model, self.r_dev
+        # The generator's prompt embeddings need every h of the prompt, so R goes first.
+        h_prompt = model.reason(
+            input_ids.to(r_dev), attention_mask.to(r_dev), position_ids.to(r_dev), use_cache=True, **self.r_cache
+        ).last_hidden_state.to(self.device)
+        self.h_prev = h_prompt[:, -1]
+        embeds = model.fused_embeddings(input_ids, attention_mask, h_prompt, self.target_norm)
+        return model.generator(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=True, logits_to_keep=1, **self.g_cache,
+        ).logits[:, -1].float()
+
+    def step(self, tokens, attention_mask, position_ids):
+        model, r_dev = self.model, self.r_dev
+        # Both halves read only the new token and h_prev; neither waits on the other.
+        signal = model.reasoning_signal(self.h_prev[:, None], self.target_norm)
+        with self.streams.reasoner():
+            h_next = model.reason(
+                tokens[:, None].to(r_dev, non_blocking=True),
+                attention_mask.to(r_dev, non_blocking=True),
+                position_ids.to(r_dev, non_blocking=True),
+                use_cache=True,
+                **self.r_cache,
+            ).last_hidden_state[:, -1]
+        with self.streams.generator():
+            token_embeds = model.generator.get_input_embeddings()(tokens[:, None])
+            logits = model.generator(
+                inputs_embeds=token_embeds + signal.to(token_embeds.dtype),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **self.g_cache,
+            ).logits[:, -1].float()
+        self.streams.join()
+        self.h_prev = h_next.to(self.device, non_blocking=True)
+        return logits
+
+    def reasoning(self):
+        return self.h_prev
+
+
 @torch.no_grad()
 def generate(
     model: FlyThinker,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
+    **kwargs: object,
+) -> GenerationOutput:
+    """Staggered decoding of a left-padded batch with both models in lockstep.
+
+    Each of the two LMs stays on the device it is on. Arguments as for `decode`; keyword
+    arguments that are `GenerationConfig` fields override ``config``.
+    """
+    config, options = _split_overrides(config, kwargs)
+    with _eval_mode(model):
+        return decode(FlyThinkerDecoder(model, config.overlap), input_ids, attention_mask, config,
+                      **_defaults(model.tokenizer, model.generator, model.context_length(), options))
+
+
+@torch.no_grad()
+def generate_plain(
+    lm: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    **kwargs: object,
+) -> GenerationOutput:
+    """The same loop, sampler and stopping rule for a plain causal LM (SFT and zero-shot baselines)."""
+    config, options = _split_overrides(config, kwargs)
+    with _eval_mode(lm):
+        context = getattr(lm.config, "max_position_embeddings", None)
+        return decode(CausalLMDecoder(lm), input_ids, attention_mask, config,
+                      **_defaults(tokenizer, lm, context, options))
+
+
+def decode(
+    decoder: StepDecoder,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config: GenerationConfig,
     *,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    context_length: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     output_scores: bool = False,
     output_reasoning: bool = False,
-    **overrides: object,
 ) -> GenerationOutput:
-    """Decode a left-padded batch with both models in lockstep.
+    """The decode loop shared by every model family.
 
     Args:
-        model: the FlyThinker model; each of its two LMs stays on the device it is on.
+        decoder: the model family's prefill and step.
         input_ids: (batch, prompt_len) prompt ids, left-padded.
         attention_mask: 1 for real tokens, 0 for padding (default: all ones).
-        config: decoding settings; keyword ``overrides`` replace single fields of it.
-        eos_token_id: id(s) that end a row (default: the tokenizer's / generator's EOS).
-        pad_token_id: filler for finished rows (default: the tokenizer's pad, else EOS).
+        config: decoding settings.
+        eos_token_id: id(s) that end a row.
+        pad_token_id: filler for finished rows.
+        context_length: the models' context; the prompt must fit, generation is cut to fit.
         on_token: called after every step with the (batch,) tensor of new tokens, for streaming.
         output_scores: also return each step's raw logits.
         output_reasoning: also return each step's reasoning vector.
     """
-    config = dataclasses.replace(config or GenerationConfig(), **overrides)  # type: ignore[arg-type]
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise FlyThinkerError(f"input_ids must be (batch, length) with length >= 1, got {tuple(input_ids.shape)}")
     if attention_mask is None:
@@ -91,83 +219,77 @@ def generate(
     empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise FlyThinkerError(f"empty prompt in batch row(s) {empty}: every prompt needs at least one token")
-    max_new_tokens = _fit_context(model, input_ids.shape[1], config.max_new_tokens)
-    eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
+    max_new_tokens = _fit_context(context_length, input_ids.shape[1], config.max_new_tokens)
+    device = decoder.device
+    select = _token_selector(config, device)
+    mask = attention_mask.to(device)
+    position = position_ids_from_mask(mask)
+    logits = decoder.prefill(input_ids.to(device), mask, position)
+    position = position[:, -1:]
 
-    r_dev, g_dev = model.reasoner.device, model.generator.device
-    streams = _Streams.for_mode(config.overlap, r_dev, g_dev)
-    was_training = model.training
-    model.eval()
+    batch = input_ids.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=device)
+    tokens: list[torch.Tensor] = []
+    scores: list[torch.Tensor] | None = [] if output_scores else None
+    reasoning: list[torch.Tensor] | None = [] if output_reasoning else None
+    for step in range(max_new_tokens):
+        if scores is not None:
+            scores.append(logits)
+        if reasoning is not None:
+            reasoning.append(decoder.reasoning())
+        token = torch.where(finished, pad_token_id, select(logits))
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        position = position + 1
+        logits = decoder.step(token, mask, position)
+    return GenerationOutput(torch.stack(tokens, dim=1), scores, reasoning)
+
+
+_LOOP_OPTIONS = ("eos_token_id", "pad_token_id", "on_token", "output_scores", "output_reasoning")
+
+
+def _split_overrides(config: GenerationConfig | None, kwargs: dict) -> tuple[GenerationConfig, dict]:
+    unknown = set(kwargs) - set(_LOOP_OPTIONS) - {f.name for f in dataclasses.fields(GenerationConfig)}
+    if unknown:
+        raise TypeError(f"unexpected generation argument(s): {', '.join(sorted(unknown))}")
+    fields = {k: v for k, v in kwargs.items() if k not in _LOOP_OPTIONS}
+    options = {k: v for k, v in kwargs.items() if k in _LOOP_OPTIONS}
+    return dataclasses.replace(config or GenerationConfig(), **fields), options
+
+
+def _defaults(
+    tokenizer: PreTrainedTokenizerBase | None, lm: PreTrainedModel, context_length: int | None, options: dict
+) -> dict:
+    """EOS and pad ids from the tokenizer, else the generation config; caller's values win."""
+    eos = options.pop("eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = lm.generation_config.eos_token_id
+    if eos is None:
+        raise FlyThinkerError("no EOS token id: pass eos_token_id or attach a tokenizer with an EOS token")
+    pad = options.pop("pad_token_id", None)
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = eos if isinstance(eos, int) else eos[0]
+    return dict(eos_token_id=eos, pad_token_id=pad, context_length=context_length, **options)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
     try:
-        target_norm = model.target_norm() if model.config.rescale else None
-        select = _token_selector(config, g_dev)
-
-        mask_g = attention_mask.to(g_dev)
-        positions = position_ids_from_mask(mask_g)
-        # Caches are made here and filled in place by the models, one per role.
-        r_cache = cache_kwargs(model.reasoner.base_model, DynamicCache(config=model.reasoner.config))
-        g_cache = cache_kwargs(model.generator, DynamicCache(config=model.generator.config))
-        # Prefill: the generator's prompt embeddings need every h of the prompt, so R goes first.
-        h_prompt = model.reason(
-            input_ids.to(r_dev), attention_mask.to(r_dev), positions.to(r_dev), use_cache=True, **r_cache
-        ).last_hidden_state
-        h_prev = h_prompt[:, -1].to(g_dev, non_blocking=True)
-        embeds = model.fused_embeddings(input_ids.to(g_dev), mask_g, h_prompt.to(g_dev), target_norm)
-        logits = model.generator(
-            inputs_embeds=embeds,
-            attention_mask=mask_g,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **g_cache,
-        ).logits[:, -1].float()
-
-        batch = input_ids.shape[0]
-        finished = torch.zeros(batch, dtype=torch.bool, device=g_dev)
-        eos = torch.tensor(eos_ids, device=g_dev)
-        tokens: list[torch.Tensor] = []
-        scores: list[torch.Tensor] | None = [] if output_scores else None
-        reasoning: list[torch.Tensor] | None = [] if output_reasoning else None
-        position = positions[:, -1:]
-        for step in range(max_new_tokens):
-            if scores is not None:
-                scores.append(logits)
-            if reasoning is not None:
-                reasoning.append(h_prev)
-            token = torch.where(finished, pad_id, select(logits))
-            tokens.append(token)
-            if on_token is not None:
-                on_token(token)
-            finished |= torch.isin(token, eos)
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            mask_g = torch.cat([mask_g, mask_g.new_ones(batch, 1)], dim=1)
-            position = position + 1
-            # Both halves of the step read only the new token and h_prev; neither waits on the other.
-            signal = model.reasoning_signal(h_prev[:, None], target_norm)
-            with streams.reasoner():
-                h_next = model.reason(
-                    token[:, None].to(r_dev, non_blocking=True),
-                    mask_g.to(r_dev, non_blocking=True),
-                    position.to(r_dev, non_blocking=True),
-                    use_cache=True,
-                    **r_cache,
-                ).last_hidden_state[:, -1]
-            with streams.generator():
-                token_embeds = model.generator.get_input_embeddings()(token[:, None])
-                embeds = token_embeds + signal.to(token_embeds.dtype)
-                logits = model.generator(
-                    inputs_embeds=embeds,
-                    attention_mask=mask_g,
-                    position_ids=position,
-                    use_cache=True,
-                    **g_cache,
-                ).logits[:, -1].float()
-            streams.join()
-            h_prev = h_next.to(g_dev, non_blocking=True)
-        return GenerationOutput(torch.stack(tokens, dim=1), scores, reasoning)
+        yield
     finally:
-        model.train(was_training)
+        module.train(was_training)
 
 
 def cache_kwargs(model: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
@@ -180,8 +302,7 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _fit_context(model: FlyThinker, prompt_len: int, max_new_tokens: int) -> int:
-    limit = model.context_length()
+def _fit_context(limit: int | None, prompt_len: int, max_new_tokens: int) -> int:
     if limit is None:
         return max_new_tokens
     if prompt_len >= limit:
@@ -193,20 +314,6 @@ def _fit_context(model: FlyThinker, prompt_len: int, max_new_tokens: int) -> int
         log.warning("max_new_tokens cut from %d to %d to fit the context of %d", max_new_tokens, limit - prompt_len, limit)
         return limit - prompt_len
     return max_new_tokens
-
-
-def _special_ids(model: FlyThinker, eos_token_id, pad_token_id) -> tuple[list[int], int]:
-    tokenizer = model.tokenizer
-    if eos_token_id is None:
-        eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
-    if eos_token_id is None:
-        eos_token_id = model.generator.generation_config.eos_token_id
-    if eos_token_id is None:
-        raise FlyThinkerError("no EOS token id: pass eos_token_id or attach a tokenizer with an EOS token")
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if pad_token_id is None and tokenizer is not None:
-        pad_token_id = tokenizer.pad_token_id
-    return eos_ids, eos_ids[0] if pad_token_id is None else pad_token_id
 
 
 def _token_selector(config: GenerationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
