@@ -1,0 +1,34 @@
+"""FlyThinker: a reasoner's per-token vectors steer the generator (`flythinker.model`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flythinker.config import FlyThinkerConfig
+from flythinker.methods.base import Method
+from flythinker.model import FlyThinker
+
+
+class FlyThinkerMethod(Method):
+    name = "flythinker"
+    style = "profile"
+    trainable = True
+
+    def build(self, checkpoint: Path | None = None) -> None:
+        if checkpoint is not None:
+            self.flythinker = FlyThinker.from_pretrained(checkpoint, dtype=self.context.dtype)
+        else:
+            c = self.config
+            self.flythinker = FlyThinker.from_config(FlyThinkerConfig(
+                reasoner=c.reasoner, generator=c.generator, lam=c.lam, rescale=c.rescale,
+                fusion=c.fusion, dtype=self.context.dtype,  # type: ignore[arg-type]
+            ))
+        self.tokenizer = self.flythinker.tokenizer
+
+    def model(self) -> torch.nn.Module:
+        return self.flythinker
+
+    def decode(self, input_ids, attention_mask, generation, on_token):
+        return self.flythinker.generate(input_ids, attention_mask, config=generation, on_token=on_token)

@@ -1,0 +1,280 @@
+"""The experiment runner: every method x task, trained, decoded, evaluated and reported in one go.
+
+Layout of a run directory::
+
+    run_config.yaml                  the resolved configuration
+    <task>/<label>/checkpoint/       trained methods only (atomic; reused on rerun)
+    <task>/<label>/train_stats.json  training time and samples (reused on rerun)
+    <task>/<label>/predictions.jsonl one line per record, appended batch by batch
+    <task>/<label>/metrics.json      that method's metrics
+    metrics.json, results.csv, results.md, plots/*.png
+
+A rerun of the same command picks up where an interrupted one stopped: finished checkpoints are
+loaded instead of retrained and ids already in ``predictions.jsonl`` are not decoded again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from flythinker.config import GenerationConfig, TrainConfig
+from flythinker.data.longlamp import LongLaMPRecord, load_longlamp
+from flythinker.data.prompts import PromptBudgets
+from flythinker.errors import FlyThinkerError
+from flythinker.evaluate import evaluate_texts
+from flythinker.io import to_plain, write_json, write_yaml
+from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, RunContext, make_method
+
+PREDICTIONS = "predictions.jsonl"
+TRAIN_STATS = "train_stats.json"
+
+
+@dataclass
+class TaskConfig:
+    """One task's data.
+
+    Attributes:
+        task: product_review, abstract_generation or topic_writing.
+        data: Local LongLaMP file or directory; "sample" is the small review set shipped with
+            the package (synthetic users, written for this project); empty loads
+            LongLaMP/LongLaMP from the hub.
+        setting: user or temporal (hub config / directory layout).
+        train_split: Split the trainable methods learn from.
+        eval_split: Split every method is evaluated on (never train on test).
+        train_limit: Use only the first N training records (0: all).
+        eval_limit: Evaluate only the first N records (0: all).
+    """
+
+    task: str
+    data: str = ""
+    setting: str = "user"
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_limit: int = 0
+    eval_limit: int = 0
+
+
+@dataclass
+class RunConfig:
+    """A whole comparison.
+
+    Attributes:
+        out: Run directory.
+        tasks: The tasks and their data.
+        methods: The rows of the comparison (method name plus its settings).
+        training: Optimisation settings, the same for every trainable method.
+        generation: Decoding settings, the same for every method.
+        budgets: Token budgets of the profile prompt form.
+        decode_batch_size: Prompts decoded together.
+        span_tokens: Width of the position-sensitive evaluation's spans, in whitespace tokens.
+        dtype: Weight dtype of every model.
+        seed: Seed of retrieval sampling and training.
+    """
+
+    out: str = "runs/experiment"
+    tasks: list[TaskConfig] = field(default_factory=list)
+    methods: list[MethodConfig] = field(default_factory=list)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    budgets: PromptBudgets = field(default_factory=PromptBudgets)
+    decode_batch_size: int = 8
+    span_tokens: int = 100
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise FlyThinkerError("the run config lists no tasks")
+        if not self.methods:
+            raise FlyThinkerError("the run config lists no methods")
+        unknown = [m.method for m in self.methods if m.method not in METHODS]
+        if unknown:
+            raise FlyThinkerError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        labels = [m.name for m in self.methods]
+        repeated = sorted({x for x in labels if labels.count(x) > 1})
+        if repeated:
+            raise FlyThinkerError(f"method label(s) {', '.join(repeated)} used twice; set 'label' to tell them apart")
+        if self.decode_batch_size < 1:
+            raise FlyThinkerError("decode_batch_size must be >= 1")
+
+
+def run_experiment(config: RunConfig) -> dict[str, Any]:
+    """Train, decode and evaluate every method on every task; write the report. Returns metrics."""
+    from flythinker.report import write_report
+
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(out / "run_config.yaml", config)
+    except OSError as exc:
+        raise FlyThinkerError(f"cannot write to run directory {out}: {exc.strerror}") from exc
+    results: dict[str, Any] = {}
+    for task in config.tasks:
+        train_records = _load(task, task.train_split, task.train_limit) if _any_trainable(config) else []
+        eval_records = _load(task, task.eval_split, task.eval_limit)
+        for method_config in config.methods:
+            print(f"== {task.task} / {method_config.name}")
+            results.setdefault(task.task, {})[method_config.name] = run_method(
+                config, task.task, method_config, train_records, eval_records
+            )
+    write_json(out / "metrics.json", results)
+    write_report(results, out)
+    return results
+
+
+def run_method(
+    config: RunConfig,
+    task: str,
+    method_config: MethodConfig,
+    train_records: Sequence[LongLaMPRecord],
+    eval_records: Sequence[LongLaMPRecord],
+) -> dict[str, Any]:
+    """One row of the table: train (or reuse), predict what is missing, evaluate."""
+    work = Path(config.out) / task / method_config.name
+    work.mkdir(parents=True, exist_ok=True)
+    context = RunContext(task=task, budgets=config.budgets, dtype=config.dtype, work_dir=work, seed=config.seed)
+    method = make_method(method_config, context)
+    train_stats = _train_or_reuse(method, config, train_records, work)
+
+    path = work / PREDICTIONS
+    done = read_prediction_rows(path)
+    todo = [r for r in eval_records if r.id not in done]
+    if todo:
+        for rows in method.predict(todo, config.generation, config.decode_batch_size):
+            append_rows(path, rows)
+            done.update({row.id: row for row in rows})
+            print(f"   predicted {len(done)}/{len(eval_records)}", flush=True)
+    rows = [done[r.id] for r in eval_records]
+    metrics = evaluate_texts([r.prediction for r in rows], [r.target for r in eval_records], config.span_tokens)
+    metrics["efficiency"] = efficiency(rows, train_stats)
+    metrics["method"] = to_plain(method_config)
+    write_json(work / "metrics.json", metrics)
+    return metrics
+
+
+def _train_or_reuse(method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path) -> dict | None:
+    checkpoint, stats_path = work / "checkpoint", work / TRAIN_STATS
+    if not method.trainable:
+        method.build()
+        return None
+    if checkpoint.is_dir() and stats_path.is_file():
+        print(f"   reusing {checkpoint}")
+        method.build(checkpoint)
+        return json.loads(stats_path.read_text())
+    if not records:
+        raise FlyThinkerError(f"method {method.config.name!r} needs training records, and the train split is empty")
+    method.build()
+    training = replace(config.training, output_dir=str(work), seed=config.seed)
+    result = method.train(records, training, run_config={"run": config, "method": method.config})
+    stats = {"train_s": result.seconds, "samples": result.samples, "steps": result.steps,
+             "first_loss": result.losses[0], "last_loss": result.losses[-1]}
+    write_json(stats_path, stats)
+    return stats
+
+
+def efficiency(rows: Sequence[PredictionRow], train_stats: dict | None) -> dict[str, float | None]:
+    """Training time per sample, decode latency per token step and time to first token."""
+    batches = {(r.decode_s, r.batch_steps, r.batch_size) for r in rows}  # one entry per batch
+    steps = sum(b[1] for b in batches)
+    return {
+        "train_s_per_sample": train_stats["train_s"] / train_stats["samples"] if train_stats else None,
+        "decode_ms_per_token": 1000 * sum(b[0] for b in batches) / steps if steps else None,
+        "ttft_ms": 1000 * sum(r.ttft_s for r in rows) / len(rows) if rows else None,
+        "generated_tokens_mean": sum(r.generated_tokens for r in rows) / len(rows) if rows else None,
+    }
+
+
+def read_prediction_rows(path: Path) -> dict[str, PredictionRow]:
+    """Rows already written; a torn last line (a kill mid-write) is dropped and rewritten later."""
+    if not path.is_file():
+        return {}
+    rows: dict[str, PredictionRow] = {}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = PredictionRow(**json.loads(line))
+        except (json.JSONDecodeError, TypeError) as exc:
+            if number == len(lines) and not line.endswith("\n"):
+                _truncate_last_line(path, len(line.encode("utf-8")))
+                break
+            raise FlyThinkerError(f"{path}:{number}: not a prediction row ({exc}); move the file away to redo it") from None
+        rows[row.id] = row
+    return rows
+
+
+def _truncate_last_line(path: Path, size: int) -> None:
+    with path.open("rb+") as f:
+        f.truncate(path.stat().st_size - size)
+
+
+def append_rows(path: Path, rows: Sequence[PredictionRow]) -> None:
+    """Append and flush to disk, so a kill loses at most the batch being decoded."""
+    with path.open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(to_plain(row), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load(task: TaskConfig, split: str, limit: int) -> list[LongLaMPRecord]:
+    source = sample_data_path() if task.data == "sample" else task.data or None
+    records = load_longlamp(task.task, split, source=source, limit=limit or None, setting=task.setting)
+    if not records:
+        raise FlyThinkerError(f"{task.task}: split {split!r} of {task.data or 'the hub'} is empty")
+    return list(records)
+
+
+def sample_data_path() -> Path:
+    """The shipped sample (see tools/make_sample_reviews.py): product_review schema, train/test."""
+    from importlib import resources
+
+    return Path(str(resources.files("flythinker") / "assets" / "sample_reviews.json"))
+
+
+def _any_trainable(config: RunConfig) -> bool:
+    return any(METHODS[m.method].trainable for m in config.methods)
+
+
+def run_command(
+    tasks: list[TaskConfig],
+    methods: list[MethodConfig],
+    out: str = "runs/experiment",
+    training: TrainConfig = TrainConfig(),  # noqa: B008 - jsonargparse reads defaults
+    generation: GenerationConfig = GenerationConfig(),  # noqa: B008
+    budgets: PromptBudgets = PromptBudgets(),  # noqa: B008
+    decode_batch_size: int = 8,
+    span_tokens: int = 100,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> None:
+    """Run a comparison: train what needs training, decode, evaluate, write tables and plots.
+
+    Usually driven by a YAML file: ``flythinker run --config configs/tiny.yaml [--out DIR]``;
+    any field can be overridden on the command line after ``--config``. Rerunning the same
+    command resumes an interrupted run.
+
+    Args:
+        tasks: The tasks and their data (see configs/*.yaml).
+        methods: The rows of the comparison: method name and settings.
+        out: Run directory.
+        training: Optimisation settings, the same for every trainable method.
+        generation: Decoding settings, the same for every method.
+        budgets: Token budgets of the profile prompt form.
+        decode_batch_size: Prompts decoded together.
+        span_tokens: Span width of the position-sensitive evaluation, in whitespace tokens.
+        dtype: Weight dtype of every model (float32, bfloat16, float16).
+        seed: Seed of retrieval sampling and training.
+    """
+    from flythinker.report import format_results
+
+    config = RunConfig(out=out, tasks=tasks, methods=methods, training=training, generation=generation,
+                       budgets=budgets, decode_batch_size=decode_batch_size, span_tokens=span_tokens,
+                       dtype=dtype, seed=seed)
+    results = run_experiment(config)
+    print(format_results(results))
+    print(f"\nresults: {Path(out) / 'results.md'}, {Path(out) / 'results.csv'}, plots in {Path(out) / 'plots'}")

@@ -1,0 +1,135 @@
+"""The experiment runner end to end on tiny models: files, resume, and lambda 0 equals SFT."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flythinker.cli import main
+from flythinker.config import GenerationConfig, TrainConfig
+from flythinker.data.prompts import PromptBudgets
+from flythinker.errors import FlyThinkerError
+from flythinker.methods import METHODS, MethodConfig
+from flythinker.methods.base import Method
+from flythinker.run import RunConfig, TaskConfig, run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def small_config(out: Path, methods: list[MethodConfig], eval_limit: int = 4, **overrides) -> RunConfig:
+    return RunConfig(
+        out=str(out),
+        tasks=[TaskConfig(task="product_review", data="sample", train_limit=8, eval_limit=eval_limit)],
+        methods=methods,
+        training=TrainConfig(epochs=1, batch_size=4, lr=3e-3),
+        generation=GenerationConfig(max_new_tokens=8),
+        budgets=PromptBudgets(profile_tokens=96, query_tokens=48, target_tokens=32),
+        decode_batch_size=2,
+        **overrides,
+    )
+
+
+def read_predictions(path: Path) -> dict[str, str]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "an id was predicted twice"
+    return {r["id"]: r["prediction"] for r in rows}
+
+
+def test_tiny_yaml_runs_every_method_through_the_cli(tmp_path, capsys):
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    assert {m["method"] for m in config["methods"]} == set(METHODS), "configs/tiny.yaml must list every method"
+    out = tmp_path / "run"
+    # Smaller than the shipped smoke config, to keep the suite fast; same code path.
+    assert main(["run", "--config", str(REPO / "configs" / "tiny.yaml"), "--out", str(out),
+                 "--tasks.0.eval_limit", "3", "--tasks.0.train_limit", "6",
+                 "--generation.max_new_tokens", "6", "--training.epochs", "1"]) == 0
+    labels = [m.get("label") or m["method"] for m in config["methods"]]
+    for label in labels:
+        assert len(read_predictions(out / "product_review" / label / "predictions.jsonl")) == 3
+    metrics = json.loads((out / "metrics.json").read_text())["product_review"]
+    assert set(metrics) == set(labels)
+    for m in metrics.values():
+        assert set(m["metrics"]) == {"rouge1", "rougeL", "meteor", "bleu"} and m["n_samples"] == 3
+        assert m["efficiency"]["decode_ms_per_token"] > 0
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == labels
+    assert {"method", "task", "rouge1", "rougeL", "meteor", "bleu", "decode_ms_per_token_ratio_to_sft"} <= set(rows[0])
+    assert float(next(r for r in rows if r["method"] == "sft")["decode_ms_per_token_ratio_to_sft"]) == 1.0
+    assert "| flythinker |" in (out / "results.md").read_text()
+    for png in ("spans.png", "efficiency.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == PNG_MAGIC
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["generation"]["max_new_tokens"] == 6
+    assert "results:" in capsys.readouterr().out
+
+
+def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):
+    methods = [MethodConfig(method="sft"), MethodConfig(method="flythinker")]
+    reference = run_experiment(small_config(tmp_path / "whole", methods, eval_limit=6))
+
+    calls = {"n": 0}
+    original = Method._decode_timed
+
+    def crash_on_third_batch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash inside generation")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Method, "_decode_timed", crash_on_third_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_experiment(small_config(tmp_path / "resumed", methods, eval_limit=6))
+    partial = read_predictions(tmp_path / "resumed" / "product_review" / "sft" / "predictions.jsonl")
+    assert len(partial) == 4  # two batches of two were written before the crash
+    monkeypatch.setattr(Method, "_decode_timed", original)
+    resumed = run_experiment(small_config(tmp_path / "resumed", methods, eval_limit=6))
+
+    for label in ("sft", "flythinker"):
+        assert read_predictions(tmp_path / "resumed" / "product_review" / label / "predictions.jsonl") == \
+            read_predictions(tmp_path / "whole" / "product_review" / label / "predictions.jsonl")
+        assert resumed["product_review"][label]["metrics"] == reference["product_review"][label]["metrics"]
+
+
+def test_torn_last_line_is_redone(tmp_path):
+    methods = [MethodConfig(method="non_personalized")]
+    run_experiment(small_config(tmp_path, methods))
+    path = tmp_path / "product_review" / "non_personalized" / "predictions.jsonl"
+    whole = path.read_text()
+    path.write_text(whole[: whole.rindex("\n", 0, len(whole) - 1) + 10])  # cut inside the last row
+    run_experiment(small_config(tmp_path, methods))
+    assert read_predictions(path) == {json.loads(x)["id"]: json.loads(x)["prediction"] for x in whole.splitlines()}
+
+
+def test_lambda_zero_flythinker_predicts_what_sft_predicts(tmp_path):
+    methods = [MethodConfig(method="sft"), MethodConfig(method="flythinker", lam=0.0)]
+    run_experiment(small_config(tmp_path, methods, eval_limit=4))
+    sft = read_predictions(tmp_path / "product_review" / "sft" / "predictions.jsonl")
+    fly = read_predictions(tmp_path / "product_review" / "flythinker" / "predictions.jsonl")
+    assert sft == fly
+
+
+def test_lambda_sweep_plot_appears_with_several_lambdas(tmp_path):
+    methods = [MethodConfig(method="sft")] + [
+        MethodConfig(method="flythinker", lam=lam, label=f"flythinker-lam{lam}") for lam in (0.0, 1.0)
+    ]
+    run_experiment(small_config(tmp_path, methods, eval_limit=2))
+    assert (tmp_path / "plots" / "lambda_sweep.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        ([MethodConfig(method="sfft")], "unknown method"),
+        ([MethodConfig(method="sft"), MethodConfig(method="sft")], "used twice"),
+        ([], "no methods"),
+    ],
+)
+def test_bad_run_configs_are_named(tmp_path, methods, message):
+    with pytest.raises(FlyThinkerError, match=message):
+        small_config(tmp_path, methods)
