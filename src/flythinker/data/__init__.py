@@ -1,0 +1,1 @@
+"""Data: LongLaMP loading (`longlamp`), prompts (`prompts`), retrieval (`retrieval`), batching (`collate`)."""
