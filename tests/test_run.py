@@ -44,10 +44,12 @@ def read_predictions(path: Path) -> dict[str, str]:
 def test_tiny_yaml_runs_every_method_through_the_cli(tmp_path, capsys):
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     assert {m["method"] for m in config["methods"]} == set(METHODS), "configs/tiny.yaml must list every method"
+    # Smaller than the shipped smoke config, to keep the suite fast; same code path and file.
+    config["tasks"][0].update(eval_limit=3, train_limit=6)
+    smaller = tmp_path / "tiny.yaml"
+    smaller.write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
-    # Smaller than the shipped smoke config, to keep the suite fast; same code path.
-    assert main(["run", "--config", str(REPO / "configs" / "tiny.yaml"), "--out", str(out),
-                 "--tasks.0.eval_limit", "3", "--tasks.0.train_limit", "6",
+    assert main(["run", "--config", str(smaller), "--out", str(out),
                  "--generation.max_new_tokens", "6", "--training.epochs", "1"]) == 0
     labels = [m.get("label") or m["method"] for m in config["methods"]]
     for label in labels:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from flythinker.errors import FlyThinkerError
 from flythinker.methods.base import Method, MethodConfig, PredictionRow, RunContext
+from flythinker.methods.coconut import Coconut
+from flythinker.methods.cot import CoT
 from flythinker.methods.flythinker import FlyThinkerMethod
 from flythinker.methods.non_personalized import NonPersonalized
 from flythinker.methods.rag import RAG
 from flythinker.methods.sft import SFT
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (NonPersonalized, RAG, SFT, FlyThinkerMethod)
+    cls.name: cls for cls in (NonPersonalized, RAG, SFT, CoT, Coconut, FlyThinkerMethod)
 }
 
 

@@ -1,0 +1,241 @@
+"""CoT baseline: think, then write. The model first analyses the user's profile, then the text.
+
+LongLaMP has no rationale annotations, so the base generator writes its own before any training:
+one batched greedy pass over the training records with a prompt that asks for a short analysis of
+the user's preferences and style (profile and query only; the target is never shown, since at test
+time the model has to produce the analysis without it). Rationales are cached as JSONL in the
+method's work directory, one line per record, appended batch by batch, so a rerun or an
+interrupted run regenerates nothing it already has. SFT then trains on
+
+    target = rationale + ANSWER_MARKER + target
+
+At inference the model writes rationale, marker and text in one decode, whose token budget grows by
+``rationale_tokens`` plus the marker so that the answer may run as long as any other method's.
+`final_text` keeps what follows the marker, and its offset moves the time to first token to the
+first answer token, so the rationale is paid for in latency. A text without the marker is the
+answer as a whole, timed from its first token. Coconut (`flythinker.methods.coconut`) reuses these
+rationales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flythinker.config import GenerationConfig
+from flythinker.data.collate import Example, encode_prompts
+from flythinker.data.longlamp import LongLaMPRecord
+from flythinker.data.prompts import (
+    PromptBudgets,
+    apply_chat,
+    profile_user_message,
+    sentence_boundaries,
+)
+from flythinker.decoding import GenerationOutput, generate_plain
+from flythinker.io import append_jsonl
+from flythinker.methods.lm import LMMethod
+
+log = logging.getLogger(__name__)
+
+# Plain text, not a new token: every checkpoint stays a stock causal LM with the stock tokenizer.
+# A markdown heading is something instruction-tuned models already emit on their own line and
+# that review or abstract text practically never contains.
+ANSWER_MARKER = "\n\n### Answer:\n"
+_MARKER_CORE = ANSWER_MARKER.strip()  # what `final_text` looks for, whatever whitespace surrounds it
+
+RATIONALE_FILE = "rationales.jsonl"
+RATIONALE_BATCH_SIZE = 8
+
+RATIONALE_INSTRUCTION = (
+    "Do not write it yet. First, in at most {tokens} tokens (about {words} words), analyse what "
+    "this user's earlier writing shows about their preferences, opinions and writing style (tone, "
+    "length, structure, vocabulary) that should shape the text. Write only the analysis."
+)
+
+
+# --------------------------------------------------------------------------- training layout
+
+
+def cot_target(rationale: str, target: str) -> str:
+    """The CoT training target: the analysis, the marker, then the text itself."""
+    return f"{rationale.strip()}{ANSWER_MARKER}{target}".lstrip()
+
+
+def split_answer(text: str) -> tuple[str, int]:
+    """The answer after the first marker and the offset of its first non-blank character.
+
+    Without a marker the whole text is the answer from offset 0: it is what gets scored, and its
+    first token is then the first answer token (a CoT model that skipped its analysis pays none).
+    """
+    at = text.find(_MARKER_CORE)
+    if at < 0:
+        return text, 0
+    start = at + len(_MARKER_CORE)
+    rest = text[start:]
+    return rest, start + len(rest) - len(rest.lstrip())
+
+
+def rationale_steps(rationale: str) -> list[str]:
+    """The rationale's sentences (Coconut's reasoning steps), blank pieces dropped."""
+    cuts = [0, *sentence_boundaries(rationale), len(rationale)]
+    pieces = (rationale[a:b].strip() for a, b in itertools.pairwise(cuts))
+    return [p for p in pieces if p]
+
+
+# --------------------------------------------------------------------------- rationales
+
+
+def rationale_prompt(
+    record: LongLaMPRecord, tokenizer: PreTrainedTokenizerBase, budgets: PromptBudgets, max_tokens: int
+) -> str:
+    """The profile form's user turn (same budgets), followed by the request for an analysis."""
+    message = profile_user_message(record, tokenizer, budgets)
+    request = RATIONALE_INSTRUCTION.format(tokens=max_tokens, words=max(1, 3 * max_tokens // 4))
+    return apply_chat(tokenizer, f"{message}\n\n{request}")
+
+
+def clean_rationale(text: str, finished: bool) -> str:
+    """Strip it, cut any marker the base model happened to write, and, if generation ran into the
+    token limit, drop the unfinished last sentence (when a finished one precedes it)."""
+    text = text.split(_MARKER_CORE)[0].strip()
+    if not finished:
+        ends = sentence_boundaries(text)
+        if ends and ends[-1] < len(text):
+            text = text[: ends[-1]].strip()
+    return text
+
+
+def rationale_key(generator: str, max_tokens: int, prompt: str) -> str:
+    """Identifies what produced a cached rationale: a different model, length or prompt is a miss."""
+    return hashlib.sha256(f"{generator}\0{max_tokens}\0{prompt}".encode()).hexdigest()[:16]
+
+
+def read_rationale_cache(path: Path) -> dict[str, tuple[str, str]]:
+    """``{id: (key, rationale)}``; a later line for an id wins, a torn line (a kill mid-write) is skipped."""
+    if not path.is_file():
+        return {}
+    cache: dict[str, tuple[str, str]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+            cache[str(entry["id"])] = (str(entry["key"]), str(entry["rationale"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            log.warning("%s:%d: unreadable rationale line skipped; it will be regenerated", path, number)
+    return cache
+
+
+def generate_rationales(
+    lm: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: dict[str, str],
+    max_tokens: int,
+    max_prompt_tokens: int,
+    on_batch: Callable[[dict[str, str]], None],
+    batch_size: int = RATIONALE_BATCH_SIZE,
+) -> None:
+    """Greedy rationales for ``{id: prompt}``, handed to ``on_batch`` as each batch finishes."""
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False)
+    eos = tokenizer.eos_token_id
+    # Similar lengths share a batch: less padding to compute.
+    ids = sorted(prompts, key=lambda i: len(prompts[i]))
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        batch = encode_prompts(tokenizer, [prompts[i] for i in chunk], max_prompt_tokens=max_prompt_tokens)
+        out = generate_plain(lm, batch["input_ids"], batch["attention_mask"], config, tokenizer=tokenizer)
+        texts = {}
+        for row, record_id in enumerate(chunk):
+            tokens = out.sequences[row].tolist()
+            finished = eos in tokens
+            tokens = tokens[: tokens.index(eos)] if finished else tokens
+            texts[record_id] = clean_rationale(tokenizer.decode(tokens, skip_special_tokens=True), finished)
+        on_batch(texts)
+
+
+def load_or_generate_rationales(
+    lm: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[LongLaMPRecord],
+    *,
+    generator: str,
+    budgets: PromptBudgets,
+    max_tokens: int,
+    cache_path: Path,
+) -> dict[str, str]:
+    """``{record id: rationale}`` for ``records``, generating (and caching) only what is missing."""
+    prompts = {r.id: rationale_prompt(r, tokenizer, budgets, max_tokens) for r in records}
+    keys = {i: rationale_key(generator, max_tokens, p) for i, p in prompts.items()}
+    cached = read_rationale_cache(cache_path)
+    found = {i: cached[i][1] for i in prompts if i in cached and cached[i][0] == keys[i]}
+    missing = {i: p for i, p in prompts.items() if i not in found}
+    if missing:
+        log.info("generating %d rationale(s) into %s (%d cached)", len(missing), cache_path, len(found))
+        _end_last_line(cache_path)
+
+        def store(batch: dict[str, str]) -> None:
+            for record_id, text in batch.items():
+                append_jsonl(cache_path, {"id": record_id, "key": keys[record_id], "rationale": text})
+            found.update(batch)
+
+        max_prompt_tokens = budgets.profile_tokens + budgets.query_tokens + 256
+        generate_rationales(lm, tokenizer, missing, max_tokens, max_prompt_tokens, store)
+    return {r.id: found[r.id] for r in records}
+
+
+def method_rationales(method: LMMethod, records: Sequence[LongLaMPRecord]) -> dict[str, str]:
+    """A method's rationales for ``records``: its generator's, cached in its work directory.
+
+    Call before fine-tuning: a missing rationale is written by the model as it is now.
+    """
+    assert method.tokenizer is not None, "build() first"
+    return load_or_generate_rationales(
+        method.lm, method.tokenizer, records, generator=method.config.generator,
+        budgets=method.context.budgets, max_tokens=method.config.rationale_tokens,
+        cache_path=Path(method.context.work_dir) / RATIONALE_FILE,
+    )
+
+
+def _end_last_line(path: Path) -> None:
+    """Terminate a torn last line, so that new entries start on lines of their own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+# --------------------------------------------------------------------------- the method
+
+
+class CoT(LMMethod):
+    name = "cot"
+    style = "profile"
+    trainable = True
+
+    def examples(self, records: Sequence[LongLaMPRecord], for_training: bool) -> list[Example]:
+        examples = super().examples(records, for_training)
+        if not for_training:
+            return examples
+        rationales = method_rationales(self, records)
+        return [dataclasses.replace(e, target=cot_target(rationales[e.id], e.target)) for e in examples]
+
+    def decode(self, input_ids, attention_mask, generation, on_token) -> GenerationOutput:
+        return super().decode(input_ids, attention_mask, self.with_rationale_budget(generation), on_token)
+
+    def with_rationale_budget(self, generation: GenerationConfig) -> GenerationConfig:
+        """Room for the rationale and marker on top of the shared budget, so the answer itself
+        may run as long as every other method's."""
+        assert self.tokenizer is not None, "build() first"
+        marker = len(self.tokenizer(ANSWER_MARKER, add_special_tokens=False)["input_ids"])
+        extra = self.config.rationale_tokens + marker
+        return dataclasses.replace(generation, max_new_tokens=generation.max_new_tokens + extra)
+
+    def final_text(self, text: str) -> tuple[str, int]:
+        return split_answer(text)
