@@ -33,7 +33,9 @@ class FlyThinkerConfig:
 
     Attributes:
         reasoner: Reasoner model: a local directory, a built-in alias (see `flythinker.sources`)
-            or a Hugging Face hub id. A saved checkpoint records it for provenance.
+            or a Hugging Face hub id. A saved checkpoint records it for provenance. "shared"
+            makes the reasoner the generator's own weights plus a LoRA adapter
+            (`flythinker.shared`): one model in memory, both roles read it once per step.
         generator: Generator model, resolved the same way; its tokenizer is the one both share.
         lam: lambda, the weight of the reasoning vector in the generator's input. 0 recovers
             plain SFT exactly; the paper finds 0.2-2 beats SFT and 5 degrades. Published: 0.5.
@@ -43,6 +45,8 @@ class FlyThinkerConfig:
         fusion: How a d_R-dim vector enters a d_G-dim embedding: "pad" adds it into the first
             d_R dimensions (published; needs d_R <= d_G), "linear" learns a projection.
         dtype: Weight dtype of both models; float32 is what the exactness tests use.
+        lora_rank: Rank of the reasoner's LoRA adapter when reasoner="shared".
+        lora_alpha: LoRA scale numerator when reasoner="shared" (the update is alpha/rank * BA).
     """
 
     reasoner: str = "tiny"
@@ -51,8 +55,18 @@ class FlyThinkerConfig:
     rescale: bool = True
     fusion: Fusion = "pad"
     dtype: DType = "float32"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.lora_rank, int) and self.lora_rank >= 1,
+            f"lora_rank must be an integer >= 1, got {self.lora_rank!r}",
+        )
+        _require(
+            isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
+            f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}",
+        )
         _require(
             isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0,
             f"lam (lambda) must be a finite number >= 0, got {self.lam!r}",
@@ -132,12 +146,25 @@ class TrainConfig:
         warmup_ratio: Fraction of the steps spent warming the learning rate up from 0.
         schedule: Learning-rate schedule after warm-up: cosine, linear or constant.
         max_grad_norm: Clip the global gradient norm to this; 0 disables clipping.
-        mixed_precision: "no", "bf16" or "fp16" autocast through accelerate.
+        mixed_precision: "no", "bf16" or "fp16" autocast through accelerate (weights, gradients
+            and their all-reduce stay fp32). Unset: the launcher's setting (`accelerate launch
+            --mixed_precision` or its config file), else "no".
         seed: Seed of weights initialised here, data order and dropout.
         log_every: Write a line to train_log.jsonl every this many optimizer steps.
         max_prompt_tokens: Longest prompt in tokens (published profile 1250 + query 300); a
             longer one keeps its end, where the query is.
         max_target_tokens: Longest target in tokens (published 1000); a longer one keeps its start.
+        gradient_checkpointing: Recompute each decoder layer's activations in the backward pass
+            (reasoner and generator both): much less activation memory for about a third more
+            compute.
+        save_every: Save a resumable training state (model, optimizer, scheduler, RNG states,
+            step) under output_dir/states every this many optimizer steps; 0 saves none.
+        keep_last: How many of those states to keep; older ones are deleted once a newer one is
+            complete.
+        resume: Continue from the newest state under output_dir/states when there is one, so
+            rerunning the same command after a crash or kill picks the run up where it was
+            saved. It refuses (naming the difference) if the data or settings changed. False
+            starts afresh, deleting that directory's states and train_log.jsonl.
     """
 
     output_dir: str = "runs/train"
@@ -150,14 +177,21 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     schedule: Schedule = "cosine"
     max_grad_norm: float = 1.0
-    mixed_precision: MixedPrecision = "no"
+    mixed_precision: MixedPrecision | None = None
     seed: int = 0
     log_every: int = 1
     max_prompt_tokens: int = 1550
     max_target_tokens: int = 1000
+    gradient_checkpointing: bool = False
+    save_every: int = 0
+    keep_last: int = 2
+    resume: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _require(
+            math.isfinite(self.epochs) and self.epochs > 0,
+            f"epochs must be a finite number > 0, got {self.epochs}",
+        )
         _require(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
@@ -165,6 +199,21 @@ class TrainConfig:
         _require(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _require(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
         _require(self.max_target_tokens >= 1, "max_target_tokens must be >= 1")
+        _require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"weight_decay must be >= 0, got {self.weight_decay}",
+        )
+        _require(
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+            f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}",
+        )
+        _require(
+            self.mixed_precision in (None, "no", "bf16", "fp16"),
+            f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}",
+        )
+        _require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        _require(self.save_every >= 0, f"save_every must be >= 0 (0 saves no states), got {self.save_every}")
+        _require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
 
 
 def from_dict(cls: type, raw: Any, source: str = "config") -> Any:

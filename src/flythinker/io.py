@@ -17,12 +17,25 @@ import yaml
 from flythinker.errors import FlyThinkerError
 
 
+class WriteFailed(FlyThinkerError, OSError):
+    """An atomic write that failed (a full disk, say) and left the previous version in place.
+
+    Both bad input to report in one line (`FlyThinkerError`) and still the `OSError` it was, for
+    callers that handle I/O failures.
+    """
+
+    def __init__(self, target: Path, reason: str) -> None:
+        super().__init__(f"cannot write {target}: {reason}; any earlier {target.name} is unchanged")
+        self.reason = reason
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to fill; it replaces ``path`` only if the block succeeds.
 
     A crash or kill inside the block leaves any previous ``path`` untouched (the temporary
-    directory is a dot-file sibling, removed on errors and ignored by readers).
+    directory is a dot-file sibling, removed on errors and ignored by readers). An OS error while
+    writing (a full disk, say) becomes a `FlyThinkerError` that says ``path`` is unchanged.
     """
     target = Path(path)
     try:
@@ -33,6 +46,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _replace_dir(tmp, target)
+    except (OSError, WriteFailed) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Nested atomic writes (a checkpoint holding a model that saves itself atomically) report
+        # the outermost directory: the one the user asked for, not a temporary name.
+        reason = exc.reason if isinstance(exc, WriteFailed) else exc.strerror or str(exc)
+        raise WriteFailed(target, reason) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -68,6 +87,17 @@ def write_yaml(path: Path, value: Any) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(to_plain(value), indent=2) + "\n")
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling, so readers see the old or the new."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise FlyThinkerError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

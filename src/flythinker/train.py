@@ -1,42 +1,69 @@
-"""The one training loop, for any model whose forward takes (input_ids, attention_mask, labels,
-position_ids) and returns ``.loss``: FlyThinker and a plain Hugging Face causal LM (SFT) alike.
+"""The one training loop, for any model whose forward takes (input_ids, attention_mask,
+position_ids) and returns ``.logits``: FlyThinker and a plain Hugging Face causal LM (SFT) alike.
 
-accelerate places the model and runs mixed precision and gradient accumulation; AdamW with a
-warm-up + decay schedule; one line per optimizer step in ``train_log.jsonl``; the checkpoint is
-written atomically as an inspectable directory with the resolved run config beside it.
+accelerate runs it on one device or many (DDP, FSDP, DeepSpeed: `flythinker.engines`); AdamW
+with a warm-up + decay schedule; one line per optimizer step in ``train_log.jsonl``; resumable
+states every ``save_every`` steps (`flythinker.checkpoints`); the final model is written once,
+gathered from every process, as the same inspectable ``checkpoint/`` directory whatever the
+launcher.
+
+The loss of a step is the cross-entropy summed over every labelled token the step trains on, on
+all processes and micro-batches, divided by their number: each target token weighs the same
+however the step is split. So gradient accumulation equals a bigger batch, N processes equal one
+with the same global batch, and the loss curve does not depend on the launcher.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import hashlib
+import json
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
+from flythinker import checkpoints
 from flythinker.config import FlyThinkerConfig, TrainConfig
 from flythinker.data.collate import Encoded, Example, collate, encode, read_prompt_target_jsonl
+from flythinker.engines import (
+    configure_engine,
+    distributed_kind,
+    enable_gradient_checkpointing,
+    make_accelerator,
+)
 from flythinker.errors import FlyThinkerError
-from flythinker.io import append_jsonl, atomic_directory, write_yaml
+from flythinker.io import append_jsonl, atomic_directory, to_plain, write_yaml
 from flythinker.model import position_ids_from_mask
+from flythinker.steps import StepPlan
 
 LOG_NAME = "train_log.jsonl"
 RUN_CONFIG_NAME = "run_config.yaml"
+# Settings that may change between a run and its resumption: they do not alter the updates.
+_RESUMABLE_CHANGES = {
+    "output_dir",
+    "resume",
+    "save_every",
+    "keep_last",
+    "log_every",
+    "batch_size",
+    "grad_accum",
+}
 
 
 @dataclass
 class TrainResult:
     steps: int
-    losses: list[float]  # mean loss of each optimizer step
+    losses: list[float]  # mean loss of each optimizer step (of the whole run when resumed)
     seconds: float  # wall time of the optimisation, excluding tokenisation and saving
     samples: int  # examples seen, counting repeats over epochs
     checkpoint: Path | None = None
@@ -57,119 +84,347 @@ def train(
     """Fine-tune ``model`` on ``examples`` (text pairs, or already tokenised `Encoded` items).
 
     Returns the per-step losses and timing; with ``save`` the model, tokenizer and ``run_config``
-    (default: ``config``) are written to ``<output_dir>/checkpoint``.
+    (default: ``config``) are written to ``<output_dir>/checkpoint``. Under `accelerate launch`
+    every process calls this with the same arguments; ``batch_size`` is per process.
     """
     if not examples:
         raise FlyThinkerError("no training examples")
-    set_seed(config.seed)
+    out_dir = Path(config.output_dir)
+    prepare_output_dir(out_dir)
     encoded = [
         item
         if isinstance(item, Encoded)
         else encode(tokenizer, item, config.max_prompt_tokens, config.max_target_tokens)
         for item in examples
     ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = DataLoader(
-        encoded,  # type: ignore[arg-type]
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(config.seed),
-        collate_fn=partial(collate, pad_token_id=pad),
+    _check_context(model, examples, encoded)
+    accelerator = make_accelerator(config)
+    plan = StepPlan(
+        len(encoded),
+        config.batch_size,
+        accelerator.num_processes,
+        config.grad_accum,
+        config.epochs,
+        config.max_steps,
+        config.seed,
     )
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
-    )
+    set_seed(config.seed)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    configure_engine(accelerator, model, config)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
     )
-    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
-    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
     scheduler = get_scheduler(
         config.schedule,
         optimizer,
-        num_warmup_steps=round(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+        num_warmup_steps=round(config.warmup_ratio * plan.total_steps),
+        num_training_steps=plan.total_steps,
     )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    out_dir = Path(config.output_dir)
     log_path = out_dir / LOG_NAME
-    if accelerator.is_main_process:
-        _prepare_output_dir(out_dir)
-        log_path.unlink(missing_ok=True)
+    signature = _signature(config, plan, encoded, accelerator.unwrap_model(model))
+    state = _start(accelerator, out_dir, log_path, signature, config.resume)
+    resumed_from = state.step if state.losses else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
-    losses: list[float] = []
-    micro_losses: list[float] = []
-    samples = 0
-    start = time.perf_counter()
     progress = tqdm(
-        total=total_steps, desc="train", unit="step", disable=not (show_progress and accelerator.is_main_process)
+        total=plan.total_steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        disable=not (show_progress and accelerator.is_main_process),
     )
-    while len(losses) < total_steps:
-        for batch in loader:
-            with accelerator.accumulate(model):
-                out = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]))
-                accelerator.backward(out.loss)
-                grad_norm = None
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            micro_losses.append(out.loss.detach().float().item())
-            samples += batch["input_ids"].shape[0]
-            if not accelerator.sync_gradients:
-                continue
-            losses.append(sum(micro_losses) / len(micro_losses))
-            micro_losses.clear()
-            step = len(losses)
+    loop = _Loop(accelerator, model, optimizer, scheduler, plan, encoded, pad, config, log_path)
+    with progress:  # closed on errors too, so a message after it starts on a line of its own
+        loop.run(state, progress)
+
+    checkpoint = None
+    if save:
+        checkpoint = export_checkpoint(
+            accelerator, model, tokenizer, out_dir / "checkpoint", run_config or config
+        )
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    samples = sum(len(plan.step_examples(s)) for s in range(plan.total_steps))
+    extra = {
+        "processes": accelerator.num_processes,
+        "global_batch": plan.global_batch,
+        "main_process": accelerator.is_main_process,
+        "resumed_from": resumed_from,
+    }
+    return TrainResult(
+        plan.total_steps, state.losses, state.elapsed_s, samples, checkpoint, log_path, extra
+    )
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over the labelled tokens (labels unshifted, -100 ignored)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def _labelled_tokens(items) -> int:
+    return sum(sum(1 for label in item.labels[1:] if label != -100) for item in items)
+
+
+def _step_batches(
+    plan: StepPlan, step: int, encoded: Sequence[Encoded], accelerator: Accelerator
+) -> list[list[Encoded]]:
+    """This process's micro-batches of ``step``; an empty one gets a row that carries no loss,
+    so that every process still runs forward and backward and joins the gradient all-reduce."""
+    micro = plan.micro_batches(step, accelerator.process_index)
+    filler = encoded[plan.step_examples(step)[0]]
+    blank = Encoded(filler.input_ids, [-100] * len(filler.labels))
+    return [[encoded[i] for i in indices] or [blank] for indices in micro]
+
+
+@dataclass
+class _Loop:
+    """The prepared pieces of one run, and the steps that use them."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    plan: StepPlan
+    encoded: Sequence[Encoded]
+    pad_token_id: int
+    config: TrainConfig
+    log_path: Path
+
+    def run(self, state: checkpoints.TrainerState, progress: tqdm) -> None:
+        """Steps ``state.step`` to the end: train, log, and save a resumable state every so often."""
+        config, plan = self.config, self.plan
+        for step in range(state.step, plan.total_steps):
+            start = time.perf_counter()
+            loss, grad_norm = self.step(step)
+            state.elapsed_s += time.perf_counter() - start
+            state.losses.append(loss)
+            state.step = step + 1
             progress.update()
-            progress.set_postfix(loss=f"{losses[-1]:.4f}")
-            if accelerator.is_main_process and (step % config.log_every == 0 or step == total_steps):
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if self.accelerator.is_main_process and (
+                state.step % config.log_every == 0 or state.step == plan.total_steps
+            ):
                 append_jsonl(
-                    log_path,
+                    self.log_path,
                     {
-                        "step": step,
-                        "epoch": round(step / steps_per_epoch, 4),
-                        "loss": losses[-1],
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
-                        "elapsed_s": round(time.perf_counter() - start, 3),
+                        "step": state.step,
+                        "epoch": round(plan.epoch_of(state.step), 4),
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "elapsed_s": round(state.elapsed_s, 3),
                     },
                 )
-            if step >= total_steps:
-                break
-    progress.close()
-    seconds = time.perf_counter() - start
-    model = accelerator.unwrap_model(model)
-    model.eval()
-    checkpoint = None
-    if save and accelerator.is_main_process:
-        checkpoint = save_checkpoint(model, tokenizer, out_dir / "checkpoint", run_config or config)
-    return TrainResult(total_steps, losses, seconds, samples, checkpoint, log_path)
+            if config.save_every and state.step % config.save_every == 0:
+                root = self.log_path.parent / checkpoints.STATES_DIR
+                checkpoints.save_state(self.accelerator, root, state, config.keep_last)
+
+    def step(self, step: int) -> tuple[float, float | None]:
+        """Forward and backward over this process's micro-batches of ``step``, then one update.
+
+        Returns the step's loss (averaged over its labelled tokens on all processes) and the
+        gradient norm before clipping (None when not clipping).
+        """
+        accelerator, config = self.accelerator, self.config
+        tokens = max(_labelled_tokens(self.encoded[i] for i in self.plan.step_examples(step)), 1)
+        # accelerate divides each backward by grad_accum and DDP/FSDP average over processes;
+        # undo both so the gradient is the token-weighted mean over the whole step.
+        scale = accelerator.num_processes * config.grad_accum / tokens
+        summed = torch.zeros((), device=accelerator.device)
+        grad_norm = None
+        for items in _step_batches(self.plan, step, self.encoded, accelerator):
+            batch = {
+                k: v.to(accelerator.device) for k, v in collate(items, self.pad_token_id).items()
+            }
+            with accelerator.accumulate(self.model):
+                out = self.model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=position_ids_from_mask(batch["attention_mask"]),
+                )
+                loss_sum = token_cross_entropy_sum(out.logits, batch["labels"])
+                accelerator.backward(loss_sum * scale)
+                summed += loss_sum.detach()
+                if accelerator.sync_gradients:
+                    grad_norm = self._update()
+        if not accelerator.sync_gradients:
+            raise RuntimeError("gradient accumulation lost step with the trainer's micro-batches")
+        return float(accelerator.reduce(summed, "sum")) / tokens, grad_norm
+
+    def _update(self) -> float | None:
+        norm = None
+        if self.config.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(
+                self.model.parameters(), self.config.max_grad_norm
+            )
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:  # an fp16 overflow leaves the lr as is
+            self.scheduler.step()
+        self.optimizer.zero_grad()
+        return None if norm is None else float(norm)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it is writable, before any expensive work starts."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{id(out_dir)}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise FlyThinkerError(
+            f"output directory {out_dir} is not writable: {exc.strerror or exc}"
+        ) from exc
+
+
+def _start(
+    accelerator: Accelerator, out_dir: Path, log_path: Path, signature: dict, resume: bool
+) -> checkpoints.TrainerState:
+    """Resume from the newest state in ``out_dir`` or start afresh (clearing an old run's state)."""
+    root = out_dir / checkpoints.STATES_DIR
+    found = checkpoints.state_dirs(root)
+    if resume and found:
+        saved = checkpoints.read_state(found[-1])
+        _check_signature(out_dir, saved.signature, signature)
+        state = checkpoints.load_state(accelerator, found[-1])
+        if accelerator.is_main_process:
+            checkpoints.rewrite_log(log_path, state.step)
+        accelerator.wait_for_everyone()
+        return state
+    accelerator.wait_for_everyone()  # every process has looked before the main one clears
+    if accelerator.is_main_process:
+        checkpoints.clear_states(root)
+        log_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return checkpoints.TrainerState(signature=signature)
+
+
+def _signature(config: TrainConfig, plan: StepPlan, encoded: Sequence[Encoded], model: Any) -> dict:
+    """What a resumed run must share with the saved one for the updates to continue unchanged."""
+    digest = hashlib.sha256()
+    for item in encoded:
+        digest.update(array("q", item.input_ids).tobytes())
+        digest.update(array("q", item.labels).tobytes())
+    settings = {k: v for k, v in to_plain(config).items() if k not in _RESUMABLE_CHANGES}
+    model_config = getattr(model, "config", None)
+    if dataclasses.is_dataclass(model_config):
+        model_config = to_plain(model_config)
+    elif hasattr(model_config, "to_diff_dict"):
+        model_config = model_config.to_diff_dict()
+    signature = {
+        "settings": settings,
+        "global_batch": plan.global_batch,
+        "examples": len(encoded),
+        "data_sha256": digest.hexdigest(),
+        "model": to_plain(model_config) if model_config is not None else type(model).__name__,
+    }
+    return json.loads(json.dumps(signature, default=str))  # as it reads back from the state
+
+
+def _check_signature(out_dir: Path, saved: dict, current: dict) -> None:
+    changed = _differences(saved, current)
+    if changed:
+        raise FlyThinkerError(
+            f"{out_dir} holds a run with other data or settings ({'; '.join(changed[:4])}); rerun "
+            "with the same ones to resume it, pass --training.resume false to start over there, "
+            "or choose another output_dir"
+        )
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found: list[str] = []
+        for key in sorted(set(saved) | set(current), key=str):
+            found += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return found
+    saved, current = to_plain(saved), to_plain(current)
+    if saved == current or (
+        isinstance(saved, list) and isinstance(current, tuple) and saved == list(current)
+    ):
+        return []
+    return [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+
+
+def _check_context(model: Any, examples: Sequence, encoded: Sequence[Encoded]) -> None:
+    """Fail before training, naming the example, if a sequence exceeds the model's context."""
+    limit = (
+        model.context_length()
+        if hasattr(model, "context_length")
+        else getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    )
+    if not limit:
+        return
+    longest = max(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    length = len(encoded[longest].input_ids)
+    if length > limit:
+        name = getattr(examples[longest], "id", longest)
+        raise FlyThinkerError(
+            f"example {name!r} is {length} tokens (prompt + target + EOS) but the models' context "
+            f"is {limit}; lower max_prompt_tokens / max_target_tokens"
+        )
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_checkpoint(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    run_config: Any,
+) -> Path:
+    """Write the trained model as ``checkpoint/``, the same layout whatever the launcher.
+
+    Every process must call this: under FSDP and DeepSpeed the full weights are gathered from
+    all of them; the main process alone writes.
+    """
+    sharded = distributed_kind(accelerator) in ("fsdp", "deepspeed")
+    state_dict = accelerator.get_state_dict(model) if sharded else None
+    if accelerator.is_main_process:
+        save_checkpoint(accelerator.unwrap_model(model), tokenizer, path, run_config, state_dict)
+    accelerator.wait_for_everyone()
+    return path
 
 
 def save_checkpoint(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, run_config: Any
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    run_config: Any,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Model (its own ``save_pretrained`` layout), tokenizer and resolved run config, atomically."""
+    """Model (its own ``save_pretrained`` layout), tokenizer and resolved run config, atomically.
+
+    ``state_dict`` holds the full weights when the model's own parameters are shards.
+    """
     with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp)  # type: ignore[operator]
+        if state_dict is None:
+            model.save_pretrained(tmp)  # type: ignore[operator]
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)  # type: ignore[operator]
         tokenizer.save_pretrained(tmp)
         write_yaml(tmp / RUN_CONFIG_NAME, run_config)
     return path
 
 
-def _prepare_output_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise FlyThinkerError(f"output directory {out_dir} is not writable: {exc.strerror}") from exc
+# --------------------------------------------------------------------------- command
 
 
 def train_command(
@@ -180,7 +435,9 @@ def train_command(
     """Train a FlyThinker model (reasoner + generator, jointly) on prompt/target pairs.
 
     Writes ``<training.output_dir>/checkpoint`` (reasoner/, generator/, tokenizer,
-    flythinker_config.json, run_config.yaml) and ``train_log.jsonl`` (one line per step).
+    flythinker_config.json, run_config.yaml) and ``train_log.jsonl`` (one line per step); with
+    ``training.save_every``, resumable states under ``states/``. Launch it with `accelerate launch
+    --config_file configs/accelerate/<engine>.yaml -m flythinker train ...` for several devices.
 
     Args:
         data: JSONL file of {"prompt": ..., "target": ...} records (optional "id"); prompts are
@@ -191,12 +448,16 @@ def train_command(
     from flythinker.model import FlyThinker
 
     examples = read_prompt_target_jsonl(data)
+    prepare_output_dir(Path(training.output_dir))  # before minutes of model loading
     flythinker = FlyThinker.from_config(model)
     assert flythinker.tokenizer is not None
     run_config = {"data": data, "model": model, "training": training}
     result = train(flythinker, flythinker.tokenizer, examples, training, run_config=run_config)
-    print(
-        f"trained {result.steps} steps on {len(examples)} examples in {result.seconds:.1f}s; "
-        f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}\n"
-        f"checkpoint: {result.checkpoint}\nlog: {result.log_path}"
-    )
+    if result.extra.get("main_process", True):
+        if result.extra.get("resumed_from") is not None:
+            print(f"resumed from the state at step {result.extra['resumed_from']}")
+        print(
+            f"trained {result.steps} steps on {len(examples)} examples in {result.seconds:.1f}s; "
+            f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}\n"
+            f"checkpoint: {result.checkpoint}\nlog: {result.log_path}"
+        )

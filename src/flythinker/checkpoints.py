@@ -1,0 +1,164 @@
+"""Resumable training states: ``<output_dir>/states/step-NNNNNNNN/``, the last few kept.
+
+A state is what `accelerate`'s ``save_state`` writes (model, optimizer, scheduler, every
+process's RNG states; sharded per process under FSDP and DeepSpeed) plus ``trainer_state.json``:
+the step reached, the losses so far and a signature of the data and settings. The data position
+needs no saving: it follows from the step (`flythinker.steps`).
+
+Writes are atomic: every process writes into ``.step-NNNNNNNN.partial``, and the main process
+records a manifest (each file and its size) and renames the directory into place only when all
+have finished. A kill at any moment leaves the newest complete state as it was; readers ignore
+dot-directories, and the next save clears them away. The final, exported model is not a state:
+it is the ``checkpoint/`` directory (`flythinker.train.save_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from flythinker.errors import FlyThinkerError
+from flythinker.io import replace_file
+
+STATES_DIR = "states"
+STATE_NAME = "trainer_state.json"
+_STATE_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps completed
+    losses: list[float] = field(default_factory=list)  # one per completed step
+    elapsed_s: float = 0.0  # optimisation time of the steps completed, over all sessions
+    signature: dict[str, Any] = field(default_factory=dict)  # what must match to resume
+    files: dict[str, int] = field(default_factory=dict)  # manifest: relative path -> bytes
+
+
+def state_dirs(root: Path) -> list[Path]:
+    """Complete states under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STATE_DIR.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def read_state(path: Path) -> TrainerState:
+    """The trainer state of ``path``, checked against its manifest."""
+    try:
+        raw = json.loads((path / STATE_NAME).read_text())
+        state = TrainerState(**raw)
+    except FileNotFoundError:
+        raise FlyThinkerError(f"training state {path} is missing {STATE_NAME}") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise FlyThinkerError(f"training state {path}: unreadable {STATE_NAME} ({exc})") from None
+    for name, size in state.files.items():
+        file = path / name
+        if not file.is_file():
+            raise FlyThinkerError(
+                f"training state {path} is missing {name}; delete that directory to resume from "
+                "an older state"
+            )
+        if file.stat().st_size != size:
+            raise FlyThinkerError(
+                f"training state {path}: {name} has {file.stat().st_size} bytes, expected {size}"
+            )
+    return state
+
+
+def save_state(accelerator: Accelerator, root: Path, state: TrainerState, keep_last: int) -> Path:
+    """Save a resumable state for ``state.step`` on every process; returns its directory.
+
+    Every process must call this (FSDP and DeepSpeed write one shard each).
+    """
+    name = f"step-{state.step:08d}"
+    final, partial = root / name, root / f".{name}.partial"
+    if accelerator.is_main_process:
+        _guard(lambda: _fresh_dir(partial), partial)
+    accelerator.wait_for_everyone()
+    # Pickled, not safetensors: accelerate's safetensors path refuses tied weights (Qwen2.5's
+    # embeddings), and these files are only ever read back by this code.
+    _guard(lambda: accelerator.save_state(str(partial), safe_serialization=False), partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _guard(lambda: _publish(partial, final, state), partial)
+        _prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_state(accelerator: Accelerator, path: Path) -> TrainerState:
+    state = read_state(path)
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise FlyThinkerError(f"cannot resume from {path}: {exc}") from exc
+    return state
+
+
+def clear_states(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _publish(partial: Path, final: Path, state: TrainerState) -> None:
+    files = {
+        str(p.relative_to(partial)): p.stat().st_size
+        for p in sorted(partial.rglob("*"))
+        if p.is_file()
+    }
+    record = asdict(state) | {"files": files}
+    # trainer_state.json is written last and names every other file: a directory without it,
+    # or with a file missing or short, is not a state.
+    (partial / STATE_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    if final.exists():  # the same step saved again after a resume
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # left by a save that was killed
+    path.mkdir(parents=True)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for old in state_dirs(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _guard(action, partial: Path) -> None:
+    """Run a write; on an OS error (disk full, permissions) remove the partial state and say so."""
+    try:
+        action()
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise FlyThinkerError(
+            f"cannot save the training state to {partial.parent}: {exc.strerror or exc}; "
+            "the previous state is intact"
+        ) from exc
+
+
+def rewrite_log(path: Path, last_step: int) -> None:
+    """Drop log lines past ``last_step``: steps a killed run took after its last saved state."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and _log_step(line) <= last_step
+    ]
+    replace_file(path, "".join(line + "\n" for line in kept))
+
+
+def _log_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line (killed mid-write) goes with the steps after the state
