@@ -1,13 +1,15 @@
 """The `flythinker` command: typed functions as subcommands, their docstrings as `--help`.
 
 Each subcommand is a plain function elsewhere in the package; this file only parses and reports.
-Bad input (`FlyThinkerError`) is printed as one line with a non-zero exit; anything else is a bug
-and keeps its traceback.
+Bad input (`FlyThinkerError`, or an option the parser rejects) is printed as one line with a
+non-zero exit; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable
 
 from flythinker.errors import FlyThinkerError
@@ -15,20 +17,61 @@ from flythinker.errors import FlyThinkerError
 
 def _commands() -> dict[str, Callable]:
     # Imported here so `flythinker --help` does not pay for torch until a command runs.
+    from flythinker.bench import bench_command
+    from flythinker.demo import demo_command
+    from flythinker.evaluate import evaluate_command
+    from flythinker.run import run_command
     from flythinker.train import train_command
+    from flythinker.write import write_command
 
     return {
+        "bench": bench_command,
         "train": train_command,
+        "evaluate": evaluate_command,
+        "run": run_command,
+        "demo": demo_command,
+        "write": write_command,
     }
+
+
+def normalize_args(argv: list[str], commands: dict[str, Callable]) -> list[str]:
+    """Accept ``--show-reasoning`` for ``--show_reasoning`` and a bare ``--quick`` for ``--quick true``.
+
+    jsonargparse names options after Python parameters and wants a value for every bool; people
+    type dashes and bare flags.
+    """
+    command = next((a for a in argv if a in commands), None)
+    flags = set()
+    if command is not None:
+        flags = {
+            name for name, p in inspect.signature(commands[command]).parameters.items()
+            if p.annotation in (bool, "bool")
+        }
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            name = name.replace("-", "_")
+            arg = "--" + name + eq + value
+            if name in flags and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                out += [arg, "true"]
+                continue
+        out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import auto_cli
 
+    commands = _commands()
+    argv = normalize_args(sys.argv[1:] if argv is None else argv, commands)
     try:
-        auto_cli(_commands(), args=argv, as_positional=False)
-    except FlyThinkerError as exc:
-        print(f"flythinker: error: {exc}", file=sys.stderr)
+        # exit_on_error=False: a bad option raises instead of printing the whole usage block, so
+        # it gets the same one line as any other bad input.
+        auto_cli(commands, args=argv, as_positional=False, exit_on_error=False)
+    except (FlyThinkerError, ArgumentError) as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"flythinker: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flythinker: interrupted", file=sys.stderr)

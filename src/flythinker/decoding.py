@@ -164,7 +164,7 @@ def generate(
     """
     config, options = _split_overrides(config, kwargs)
     with _eval_mode(model):
-        return decode(FlyThinkerDecoder(model, config.overlap), input_ids, attention_mask, config,
+        return decode(model.step_decoder(config.overlap), input_ids, attention_mask, config,
                       **_defaults(model.tokenizer, model.generator, model.context_length(), options))
 
 

@@ -12,6 +12,7 @@ checkpoint stays a complete causal LM and the "reasoning lens" can read what a v
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,11 @@ class FlyThinker(nn.Module):
         """Load both models by name or path (local dir, built-in alias, then the hub)."""
         from flythinker.sources import load_causal_lm, load_tokenizer
 
+        if config.reasoner == "shared":  # FlyThinker-shared: the reasoner is an adapter on G
+            from flythinker.shared import FlyThinkerShared
+
+            return FlyThinkerShared.from_config(config)
+
         generator = load_causal_lm(config.generator, dtype=config.dtype)
         reasoner = load_causal_lm(config.reasoner, dtype=config.dtype)
         tokenizer = load_tokenizer(config.generator)
@@ -102,6 +108,10 @@ class FlyThinker(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | None = None) -> FlyThinker:
         """Load a checkpoint written by `save_pretrained`."""
         root = Path(path)
+        if cls is FlyThinker and _is_shared_checkpoint(root):
+            from flythinker.shared import FlyThinkerShared
+
+            return FlyThinkerShared.from_pretrained(root, dtype)
         missing = [
             name
             for name in (CONFIG_NAME, "reasoner/config.json", "generator/config.json")
@@ -130,26 +140,40 @@ class FlyThinker(nn.Module):
             model.projection.load_state_dict(load_file(root / PROJECTION_NAME))
         return model
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
+    def save_pretrained(
+        self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> Path:
         """Write an inspectable checkpoint directory, atomically.
 
         Layout: ``reasoner/`` and ``generator/`` (Hugging Face model dirs), the tokenizer files,
         ``flythinker_config.json`` and, for linear fusion, ``projection.safetensors``. Files are
         written into a temporary sibling directory that is renamed into place at the end, so an
-        interrupted save never leaves a half checkpoint under ``path``.
+        interrupted save never leaves a half checkpoint under ``path``. ``state_dict`` holds the
+        full weights (keys as in ``self.state_dict()``) when this module's own parameters are
+        shards (FSDP, DeepSpeed ZeRO-3) gathered for saving.
         """
         with atomic_directory(path) as tmp:
-            self.reasoner.save_pretrained(tmp / "reasoner")
-            self.generator.save_pretrained(tmp / "generator")
+            self._save_models(tmp, state_dict)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             if self.projection is not None:
+                weights = (
+                    self.projection.state_dict()
+                    if state_dict is None
+                    else _with_prefix(state_dict, "projection.")
+                )
                 save_file(
-                    {k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()},
+                    {k: v.detach().contiguous().cpu() for k, v in weights.items()},
                     tmp / PROJECTION_NAME,
                 )
             self.config.to_json_file(tmp / CONFIG_NAME)
         return Path(path)
+
+    def _save_models(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The model files of the checkpoint; a variant with other weights overrides this."""
+        for name in ("reasoner", "generator"):
+            weights = None if state_dict is None else _with_prefix(state_dict, f"{name}.")
+            getattr(self, name).save_pretrained(directory / name, state_dict=weights)
 
     # ------------------------------------------------------------------ the method
     @property
@@ -250,12 +274,30 @@ class FlyThinker(nn.Module):
                 "(max_position_embeddings); shorten the prompt or lower the token budgets"
             )
 
+    def step_decoder(self, overlap: str = "none"):
+        """The prefill and decode step that `flythinker.decoding.generate` loops over."""
+        from flythinker.decoding import FlyThinkerDecoder
+
+        return FlyThinkerDecoder(self, overlap)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Staggered decoding; see `flythinker.decoding.generate` for the arguments."""
         from flythinker.decoding import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
+
+
+def _with_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of one submodule, its prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _is_shared_checkpoint(root: Path) -> bool:
+    try:
+        return json.loads((root / CONFIG_NAME).read_text()).get("reasoner") == "shared"
+    except (OSError, ValueError):
+        return False  # the full loader below names what is missing or broken
 
 
 def _check_compatible(

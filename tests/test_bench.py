@@ -1,0 +1,55 @@
+"""`flythinker bench --shape tiny` runs end to end and writes the JSON schema of issue 7 and a PNG.
+
+No timing is asserted: numbers on a shared test machine mean nothing; only the shape of the output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flythinker.bench import MEASURES
+from flythinker.cli import main
+
+METHODS = {"sft", "flythinker", "flythinker-shared", "cot", "coconut"}
+RESULT_KEYS = {"method", "overlap", "measure", "value", "unit", "ratio_to_sft", "floor_ratio"}
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_tiny_writes_json_and_png(tmp_path, restore_threads, capsys):
+    out = tmp_path / "bench" / "out.json"
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--json", str(out), "--repeats", "1",
+            "--new_tokens", "3", "--batch_new_tokens", "2", "--train_tokens", "16", "--threads", "1"]
+    assert main(argv) == 0
+    assert "decode_ms_per_token_b1" in capsys.readouterr().out
+
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"machine", "settings", "results"}
+    assert payload["settings"]["generator"] == "tiny" and payload["machine"]["torch"] == torch.__version__
+    rows = payload["results"]
+    assert all(set(r) == RESULT_KEYS and r["method"] in METHODS and r["measure"] in MEASURES for r in rows)
+    for method in ("sft", "flythinker", "flythinker-shared"):
+        measured = {r["measure"] for r in rows if r["method"] == method}
+        assert measured == set(MEASURES), method
+    for r in rows:
+        assert r["value"] > 0 and r["unit"] == MEASURES[r["measure"]][0]
+        assert r["floor_ratio"] >= 1.0
+        if r["method"] == "sft":
+            assert r["ratio_to_sft"] == 1.0 and r["floor_ratio"] == 1.0
+    assert {r["overlap"] for r in rows if r["method"] == "flythinker"} == {"none"}
+
+    png = out.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_unknown_shape_is_named(capsys):
+    assert main(["bench", "--shape", "qwen9-huge"]) == 2
+    assert "unknown shape 'qwen9-huge'" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""FlyThinker-shared keeps every DESIGN.md invariant, and its 2B-row decode equals the two roles run apart."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import PROMPTS
+from peft import PeftModel
+from test_train import copy_examples
+
+from flythinker.config import FlyThinkerConfig, GenerationConfig, TrainConfig
+from flythinker.decoding import FlyThinkerDecoder, decode, generate_plain
+from flythinker.errors import FlyThinkerError
+from flythinker.model import FlyThinker, position_ids_from_mask
+from flythinker.shared import ADAPTER_DIR, FlyThinkerShared
+from flythinker.sources import build_tiny
+from flythinker.train import train
+
+NEW_TOKENS = 10
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def randomize_adapter(model: FlyThinkerShared, seed: int = 5) -> FlyThinkerShared:
+    """B starts at zero (reasoner == generator); move it so the tests can see the adapter act."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+@pytest.fixture
+def make_shared(tokenizer):
+    def make(lam: float = 1.0, fusion: str = "pad") -> FlyThinkerShared:
+        torch.manual_seed(3)  # adapter A and the linear projection
+        model = FlyThinkerShared.from_model(build_tiny(64, seed=2), tokenizer, lam=lam, fusion=fusion)
+        return randomize_adapter(model).eval()
+
+    return make
+
+
+def full_logits(model, prompt_batch, sequences):
+    ids = torch.cat([prompt_batch.input_ids, sequences], dim=1)
+    mask = torch.cat([prompt_batch.attention_mask, torch.ones_like(sequences)], dim=1)
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+    start = prompt_batch.input_ids.shape[1] - 1
+    return logits[:, start : start + sequences.shape[1]]
+
+
+def test_lambda_zero_gives_exactly_the_base_generator(tokenizer, prompt_batch):
+    base = build_tiny(64, seed=2).eval()
+    model = randomize_adapter(FlyThinkerShared.from_model(copy.deepcopy(base), tokenizer, lam=0.0)).eval()
+    ids, mask = prompt_batch.input_ids, prompt_batch.attention_mask
+    with torch.no_grad():
+        fused = model(ids, mask).logits
+        plain = base(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    assert torch.equal(fused[mask.bool()], plain[mask.bool()])
+    decoded = model.generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=-1).sequences
+    alone = generate_plain(base, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=-1, pad_token_id=0).sequences
+    assert torch.equal(decoded, alone)
+
+
+def test_the_adapter_makes_the_reasoner_differ_from_the_generator(make_shared, prompt_batch):
+    model = make_shared()
+    ids, mask = prompt_batch.input_ids, prompt_batch.attention_mask
+    with torch.no_grad():
+        h = model.reason(ids, mask, position_ids_from_mask(mask)).last_hidden_state
+        plain = model.generator.get_decoder()(input_ids=ids, attention_mask=mask,
+                                              position_ids=position_ids_from_mask(mask)).last_hidden_state
+    assert (h - plain)[mask.bool()].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("fusion", "lam"), [("pad", 1.0), ("linear", 0.5)])
+def test_staggered_decoding_matches_the_parallel_forward(make_shared, prompt_batch, fusion, lam):
+    model = make_shared(lam=lam, fusion=fusion)
+    out = model.generate(prompt_batch.input_ids, prompt_batch.attention_mask, max_new_tokens=NEW_TOKENS,
+                         output_scores=True, eos_token_id=-1)
+    assert out.sequences.shape == (len(PROMPTS), NEW_TOKENS)
+    diff = (full_logits(model, prompt_batch, out.sequences) - torch.stack(out.scores, dim=1)).abs().max().item()
+    assert diff <= 1e-4, f"staggered vs parallel logits differ by {diff}"
+
+
+def test_batched_roles_equal_the_two_roles_run_apart(make_shared, prompt_batch):
+    """One 2B-row forward per step == FlyThinker's loop with the reasoner and generator separate."""
+    model = make_shared()
+    args = (prompt_batch.input_ids, prompt_batch.attention_mask)
+    batched = model.generate(*args, max_new_tokens=NEW_TOKENS, eos_token_id=-1, output_scores=True,
+                             output_reasoning=True)
+    with torch.no_grad():
+        apart = decode(FlyThinkerDecoder(model), *args, GenerationConfig(max_new_tokens=NEW_TOKENS),
+                       eos_token_id=-1, pad_token_id=0, output_scores=True, output_reasoning=True)
+    assert torch.equal(batched.sequences, apart.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(batched.scores, apart.scores)) <= 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(batched.reasoning, apart.reasoning)) <= 1e-4
+
+
+def test_left_padded_batch_equals_each_prompt_alone(make_shared, tokenizer, prompt_batch):
+    model = make_shared()
+    batched = model.generate(prompt_batch.input_ids, prompt_batch.attention_mask, max_new_tokens=NEW_TOKENS,
+                             eos_token_id=-1, output_scores=True)
+    for row, prompt in enumerate(PROMPTS):
+        alone = model.generate(tokenizer([prompt], return_tensors="pt").input_ids, max_new_tokens=NEW_TOKENS,
+                               eos_token_id=-1, output_scores=True)
+        assert torch.equal(batched.sequences[row], alone.sequences[0])
+        assert max((b[row] - a[0]).abs().max().item() for b, a in zip(batched.scores, alone.scores)) <= 1e-4
+
+
+def test_checkpoint_holds_the_base_once_plus_a_peft_adapter(make_shared, prompt_batch, tmp_path):
+    model = make_shared(fusion="linear")
+    path = model.save_pretrained(tmp_path / "ckpt")
+    assert {"generator", ADAPTER_DIR, "flythinker_config.json", "projection.safetensors"} <= {p.name for p in path.iterdir()}
+    assert not (path / "reasoner").exists()
+    assert json.loads((path / "flythinker_config.json").read_text())["reasoner"] == "shared"
+
+    loaded = FlyThinker.from_pretrained(path).eval()  # the generic loader recognises the variant
+    assert isinstance(loaded, FlyThinkerShared)
+    ids, mask = prompt_batch.input_ids, prompt_batch.attention_mask
+    with torch.no_grad():
+        before, after = model(ids, mask), loaded(ids, mask)
+    assert torch.equal(before.logits, after.logits) and torch.equal(before.reasoning, after.reasoning)
+
+    # The files are peft's: the plain saved generator plus PeftModel reproduces the reasoner.
+    peft_model = PeftModel.from_pretrained(
+        type(model.generator).from_pretrained(path / "generator"), str(path / ADAPTER_DIR)
+    ).eval()
+    with torch.no_grad():
+        h = peft_model.get_base_model().get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
+    torch.testing.assert_close(h, before.reasoning, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_of_another_rank_is_refused(make_shared, tmp_path):
+    path = make_shared().save_pretrained(tmp_path / "ckpt")
+    config = json.loads((path / "flythinker_config.json").read_text())
+    (path / "flythinker_config.json").write_text(json.dumps({**config, "lora_rank": 4}))
+    with pytest.raises(FlyThinkerError, match="lora_rank"):
+        FlyThinkerShared.from_pretrained(path)
+
+
+def test_one_training_step_moves_the_adapter_and_the_generator(make_shared, tokenizer, tmp_path):
+    model = make_shared()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert any("lora_A" in n for n in before) and any("base_layer" in n for n in before)
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, lr=1e-2, weight_decay=0.0)
+    train(model, tokenizer, copy_examples(4), config, save=False, show_progress=False)
+    unchanged = [name for name, p in model.named_parameters() if torch.equal(before[name], p)]
+    assert unchanged == []
+
+
+def test_from_config_builds_the_shared_variant():
+    model = FlyThinker.from_config(FlyThinkerConfig(reasoner="shared", generator="tiny", lora_rank=4))
+    assert isinstance(model, FlyThinkerShared) and model.reasoner is model.generator
+    assert model.generator.get_decoder().layers[0].self_attn.q_proj.lora_A.weight.shape[0] == 4
+
+
+def test_two_device_overlap_is_refused(make_shared, prompt_batch):
+    with pytest.raises(FlyThinkerError, match="one batched forward"):
+        make_shared().generate(prompt_batch.input_ids, max_new_tokens=2, overlap="devices")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_batched_roles_on_cuda_give_the_cpu_tokens(make_shared, prompt_batch):
+    model = make_shared()
+    args = (prompt_batch.input_ids, prompt_batch.attention_mask)
+    reference = model.generate(*args, max_new_tokens=NEW_TOKENS, eos_token_id=-1).sequences
+    model.cuda()
+    out = model.generate(*[a.cuda() for a in args], max_new_tokens=NEW_TOKENS, eos_token_id=-1)
+    assert torch.equal(out.sequences.cpu(), reference)
+    with torch.no_grad():
+        apart = decode(FlyThinkerDecoder(model), *[a.cuda() for a in args],
+                       GenerationConfig(max_new_tokens=NEW_TOKENS), eos_token_id=-1, pad_token_id=0)
+    assert torch.equal(apart.sequences.cpu(), reference)
