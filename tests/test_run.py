@@ -108,6 +108,16 @@ def test_torn_last_line_is_redone(tmp_path):
     assert read_predictions(path) == {json.loads(x)["id"]: json.loads(x)["prediction"] for x in whole.splitlines()}
 
 
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    methods = [MethodConfig(method="non_personalized")]
+    run_experiment(small_config(tmp_path, methods, eval_limit=2))
+    run_experiment(small_config(tmp_path, methods, eval_limit=3))  # more records: fine, resumes
+    config = small_config(tmp_path, methods, eval_limit=3)
+    config.generation = GenerationConfig(max_new_tokens=9)
+    with pytest.raises(FlyThinkerError, match="other settings \\(generation changed\\)"):
+        run_experiment(config)
+
+
 def test_lambda_zero_flythinker_predicts_what_sft_predicts(tmp_path):
     methods = [MethodConfig(method="sft"), MethodConfig(method="flythinker", lam=0.0)]
     run_experiment(small_config(tmp_path, methods, eval_limit=4))

@@ -54,7 +54,7 @@ def demo_config(out: str, quick: bool, task: str, data: str, model: str, lam: fl
 
 def demo_command(
     quick: bool = False,
-    out: str = "runs/demo",
+    out: str | None = None,
     task: str = "product_review",
     data: str = "sample",
     model: str = "smollm2-135m",
@@ -68,7 +68,7 @@ def demo_command(
 
     Args:
         quick: A smaller run (4 training users, 3 held-out users, 32 new tokens): a smoke test.
-        out: Run directory.
+        out: Run directory (default: runs/demo, or runs/demo-quick with --quick).
         task: LongLaMP task of the data (the shipped sample is product_review).
         data: "sample" (shipped with the package), a local LongLaMP file or directory, or "" to
             load LongLaMP/LongLaMP from the hub (needs network access).
@@ -79,6 +79,7 @@ def demo_command(
     from flythinker.report import format_results
 
     start = time.perf_counter()
+    out = out or ("runs/demo-quick" if quick else "runs/demo")
     config = demo_config(out, quick, task, data, model, lam)
     results = run_experiment(config)
     minutes = (time.perf_counter() - start) / 60

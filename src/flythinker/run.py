@@ -4,6 +4,7 @@ Layout of a run directory::
 
     run_config.yaml                  the resolved configuration
     <task>/<label>/checkpoint/       trained methods only (atomic; reused on rerun)
+    <task>/<label>/settings.json     what decides this row's results; a rerun must match it
     <task>/<label>/train_stats.json  training time and samples (reused on rerun)
     <task>/<label>/predictions.jsonl one line per record, appended batch by batch
     <task>/<label>/metrics.json      that method's metrics
@@ -32,6 +33,7 @@ from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, Run
 
 PREDICTIONS = "predictions.jsonl"
 TRAIN_STATS = "train_stats.json"
+SETTINGS = "settings.json"
 
 
 @dataclass
@@ -120,7 +122,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         for method_config in config.methods:
             print(f"== {task.task} / {method_config.name}")
             results.setdefault(task.task, {})[method_config.name] = run_method(
-                config, task.task, method_config, train_records, eval_records
+                config, task, method_config, train_records, eval_records
             )
     write_json(out / "metrics.json", results)
     write_report(results, out)
@@ -129,15 +131,16 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
 
 def run_method(
     config: RunConfig,
-    task: str,
+    task: TaskConfig,
     method_config: MethodConfig,
     train_records: Sequence[LongLaMPRecord],
     eval_records: Sequence[LongLaMPRecord],
 ) -> dict[str, Any]:
     """One row of the table: train (or reuse), predict what is missing, evaluate."""
-    work = Path(config.out) / task / method_config.name
+    work = Path(config.out) / task.task / method_config.name
     work.mkdir(parents=True, exist_ok=True)
-    context = RunContext(task=task, budgets=config.budgets, dtype=config.dtype, work_dir=work, seed=config.seed)
+    _claim(work, _settings(config, task, method_config))
+    context = RunContext(task=task.task, budgets=config.budgets, dtype=config.dtype, work_dir=work, seed=config.seed)
     method = make_method(method_config, context)
     train_stats = _train_or_reuse(method, config, train_records, work)
 
@@ -155,6 +158,30 @@ def run_method(
     metrics["method"] = to_plain(method_config)
     write_json(work / "metrics.json", metrics)
     return metrics
+
+
+def _settings(config: RunConfig, task: TaskConfig, method: MethodConfig) -> dict[str, Any]:
+    """Everything that decides a row's checkpoint and predictions (not how many records are
+    evaluated, nor batch sizes of decoding, which do not change a prediction)."""
+    return to_plain({
+        "method": method, "task": replace(task, eval_limit=0), "training": config.training,
+        "generation": config.generation, "budgets": config.budgets, "dtype": config.dtype, "seed": config.seed,
+    })
+
+
+def _claim(work: Path, settings: dict[str, Any]) -> None:
+    """Reuse a directory's results only if they were made with the same settings."""
+    path = work / SETTINGS
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+        if changed:
+            raise FlyThinkerError(
+                f"{work} holds results made with other settings ({', '.join(changed)} changed); "
+                "use another --out, or delete that directory to redo it"
+            )
+    else:
+        write_json(path, settings)
 
 
 def _train_or_reuse(method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path) -> dict | None:
