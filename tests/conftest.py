@@ -40,3 +40,13 @@ def make_model(tokenizer):
 def prompt_batch(tokenizer):
     """Left-padded prompts of different lengths."""
     return tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+def parallel_logits_at_decoded_positions(model, prompt_batch, sequences):
+    """One parallel forward over prompt + decoded tokens; the logits that chose each decoded token."""
+    ids = torch.cat([prompt_batch.input_ids, sequences], dim=1)
+    mask = torch.cat([prompt_batch.attention_mask, torch.ones_like(sequences)], dim=1)
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+    start = prompt_batch.input_ids.shape[1] - 1
+    return logits[:, start : start + sequences.shape[1]]

@@ -13,18 +13,9 @@ from flythinker.config import GenerationConfig
 from flythinker.decoding import generate, generate_plain
 from flythinker.errors import FlyThinkerError
 
-from conftest import PROMPTS
+from conftest import PROMPTS, parallel_logits_at_decoded_positions
 
 NEW_TOKENS = 12
-
-
-def parallel_logits_at_decoded_positions(model, prompt_batch, sequences):
-    ids = torch.cat([prompt_batch.input_ids, sequences], dim=1)
-    mask = torch.cat([prompt_batch.attention_mask, torch.ones_like(sequences)], dim=1)
-    with torch.no_grad():
-        logits = model(ids, mask).logits
-    start = prompt_batch.input_ids.shape[1] - 1
-    return logits[:, start : start + sequences.shape[1]]
 
 
 @pytest.mark.parametrize(

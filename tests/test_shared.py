@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, parallel_logits_at_decoded_positions
 from peft import PeftModel
 from test_train import copy_examples
 
@@ -43,15 +43,6 @@ def make_shared(tokenizer):
     return make
 
 
-def full_logits(model, prompt_batch, sequences):
-    ids = torch.cat([prompt_batch.input_ids, sequences], dim=1)
-    mask = torch.cat([prompt_batch.attention_mask, torch.ones_like(sequences)], dim=1)
-    with torch.no_grad():
-        logits = model(ids, mask).logits
-    start = prompt_batch.input_ids.shape[1] - 1
-    return logits[:, start : start + sequences.shape[1]]
-
-
 def test_lambda_zero_gives_exactly_the_base_generator(tokenizer, prompt_batch):
     base = build_tiny(64, seed=2).eval()
     model = randomize_adapter(FlyThinkerShared.from_model(copy.deepcopy(base), tokenizer, lam=0.0)).eval()
@@ -81,7 +72,7 @@ def test_staggered_decoding_matches_the_parallel_forward(make_shared, prompt_bat
     out = model.generate(prompt_batch.input_ids, prompt_batch.attention_mask, max_new_tokens=NEW_TOKENS,
                          output_scores=True, eos_token_id=-1)
     assert out.sequences.shape == (len(PROMPTS), NEW_TOKENS)
-    diff = (full_logits(model, prompt_batch, out.sequences) - torch.stack(out.scores, dim=1)).abs().max().item()
+    diff = (parallel_logits_at_decoded_positions(model, prompt_batch, out.sequences) - torch.stack(out.scores, dim=1)).abs().max().item()
     assert diff <= 1e-4, f"staggered vs parallel logits differ by {diff}"
 
 
