@@ -86,6 +86,15 @@ def launch(
     return result
 
 
+def run_single(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """The same entry point as `launch`, in one plain process: the reference run."""
+    result = subprocess.run(
+        [sys.executable, *args], check=False, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     found = {}
     for part in ("reasoner", "generator"):
@@ -111,15 +120,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """
     data = write_pairs(tmp_path / "pairs.jsonl", 16)
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run(
-        [sys.executable, *train_args(data, one, 4)],
-        check=False,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-4000:]
+    run_single(train_args(data, one, 4))
     launch("ddp.yaml", 2, train_args(data, two, 2))
 
     before = weights(one / "checkpoint")  # sanity: training moved the weights
@@ -150,15 +151,7 @@ def test_gradient_accumulation_under_two_processes_matches_one_big_batch(tmp_pat
     """2 processes x 1 example x 2 micro-batches == 1 process x 4 examples, one micro-batch."""
     data = write_pairs(tmp_path / "pairs.jsonl", 12)  # 3 steps per epoch, STEPS spans 2 epochs
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run(
-        [sys.executable, *train_args(data, one, 4)],
-        check=False,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-4000:]
+    run_single(train_args(data, one, 4))
     launch("ddp.yaml", 2, train_args(data, two, 1, "--training.grad_accum", "2"))
     assert max_difference(weights(one / "checkpoint"), weights(two / "checkpoint")) < 1e-4
 
@@ -178,15 +171,7 @@ def test_sharded_engines_on_gpu_match_a_single_process(tmp_path, config):
     processes = min(torch.cuda.device_count(), 2)
     data = write_pairs(tmp_path / "pairs.jsonl", 16)
     plain, sharded = tmp_path / "plain", tmp_path / "sharded"
-    single = subprocess.run(
-        [sys.executable, *train_args(data, plain, 4)],
-        check=False,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-4000:]
+    run_single(train_args(data, plain, 4))
     launch(
         config,
         processes,

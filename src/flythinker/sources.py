@@ -73,7 +73,7 @@ _ALIASES: dict[str, Callable[[], PreTrainedModel]] = {
     "tiny": lambda: build_tiny(64, seed=0),
     "tiny-small": lambda: build_tiny(32, seed=1),
 }
-_CONVERTED = {SMOLLM2: lambda: smollm2_dir()}  # aliases that resolve to a directory in the cache
+_CONVERTED: dict[str, Callable[[], Path]] = {SMOLLM2: lambda: smollm2_dir()}  # aliases that resolve to a directory in the cache
 
 
 def is_alias(name: str) -> bool:

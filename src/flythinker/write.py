@@ -109,8 +109,9 @@ def write_command(
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise FlyThinkerError(f"{checkpoint} has no tokenizer files")
-    prompt = build_prompt(record, tokenizer, "profile", budgets=PromptBudgets(profile_tokens=profile_tokens))
-    batch = encode_prompts(tokenizer, [prompt], max_prompt_tokens=profile_tokens + 400)
+    budgets = PromptBudgets(profile_tokens=profile_tokens)
+    prompt = build_prompt(record, tokenizer, "profile", budgets=budgets)
+    batch = encode_prompts(tokenizer, [prompt], max_prompt_tokens=budgets.prompt_tokens)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   temperature=temperature, top_p=top_p, seed=seed)
     decoder = FlyThinkerDecoder(model)

@@ -51,6 +51,13 @@ class PromptBudgets:
             if getattr(self, name) < 1:
                 raise FlyThinkerError(f"prompt budget {name} must be at least 1")
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Cap on a whole rendered prompt: profile + query + room for the template's own text
+        (system message, headers). It only guards against runaway inputs; the budgets above
+        already bound what goes in."""
+        return self.profile_tokens + self.query_tokens + 256
+
 
 # --------------------------------------------------------------------------- truncation
 

@@ -149,7 +149,7 @@ class Method(ABC):
         assert self.tokenizer is not None, "build() first"
         examples = self.examples(records, for_training=False)
         references = {r.id: r.target for r in records}
-        budget = self.context.budgets.profile_tokens + self.context.budgets.query_tokens + 256
+        budget = self.context.budgets.prompt_tokens
         # One untimed short decode first: lazy initialisation (kernels, allocator, caches) would
         # otherwise land on whichever method happens to run first and skew its latency.
         warm = encode_prompts(self.tokenizer, [examples[0].prompt], max_prompt_tokens=budget)

@@ -183,7 +183,7 @@ def load_or_generate_rationales(
                 append_jsonl(cache_path, {"id": record_id, "key": keys[record_id], "rationale": text})
             found.update(batch)
 
-        max_prompt_tokens = budgets.profile_tokens + budgets.query_tokens + 256
+        max_prompt_tokens = budgets.prompt_tokens
         generate_rationales(lm, tokenizer, missing, max_tokens, max_prompt_tokens, store)
     return {r.id: found[r.id] for r in records}
 
