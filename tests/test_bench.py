@@ -10,11 +10,13 @@ import json
 import pytest
 import torch
 
-from flythinker.bench import MEASURES
+from flythinker.bench import MEASURES, NO_RATIO
 from flythinker.cli import main
 
 METHODS = {"sft", "flythinker", "flythinker-shared", "cot", "coconut"}
-RESULT_KEYS = {"method", "overlap", "measure", "value", "unit", "ratio_to_sft", "floor_ratio"}
+RESULT_KEYS = {"method", "overlap", "measure", "value", "unit", "ratio_to_sft", "floor_ratio", "steps"}
+# CoT and Coconut decode like SFT once they answer: timed at batch 1, where their thinking shows.
+THINKING_MEASURES = {"ttft_ms", "decode_ms_per_token_b1", "decode_warmup_ms", "peak_memory_mb"}
 
 
 @pytest.fixture
@@ -27,7 +29,8 @@ def restore_threads():
 def test_bench_tiny_writes_json_and_png(tmp_path, restore_threads, capsys):
     out = tmp_path / "bench" / "out.json"
     argv = ["bench", "--shape", "tiny", "--device", "cpu", "--json", str(out), "--repeats", "1",
-            "--new_tokens", "3", "--batch_new_tokens", "2", "--train_tokens", "16", "--threads", "1"]
+            "--new_tokens", "3", "--batch_new_tokens", "2", "--train_tokens", "16", "--threads", "1",
+            "--rationale_tokens", "3"]
     assert main(argv) == 0
     assert "decode_ms_per_token_b1" in capsys.readouterr().out
 
@@ -36,18 +39,31 @@ def test_bench_tiny_writes_json_and_png(tmp_path, restore_threads, capsys):
     assert payload["settings"]["generator"] == "tiny" and payload["machine"]["torch"] == torch.__version__
     rows = payload["results"]
     assert all(set(r) == RESULT_KEYS and r["method"] in METHODS and r["measure"] in MEASURES for r in rows)
+    assert {r["steps"] for r in rows} == {"eager"}  # no CUDA graphs on a CPU
     for method in ("sft", "flythinker", "flythinker-shared"):
         measured = {r["measure"] for r in rows if r["method"] == method}
         assert measured == set(MEASURES), method
+    assert {r["measure"] for r in rows if r["method"] == "cot"} == THINKING_MEASURES | {"train_step_s"}
+    assert {r["measure"] for r in rows if r["method"] == "coconut"} == THINKING_MEASURES
     for r in rows:
-        assert r["value"] > 0 and r["unit"] == MEASURES[r["measure"]][0]
-        assert r["floor_ratio"] >= 1.0
+        assert r["unit"] == MEASURES[r["measure"]][0]
+        if r["measure"] in NO_RATIO:
+            assert r["value"] >= 0 and r["ratio_to_sft"] is None and r["floor_ratio"] is None
+            continue
+        assert r["value"] > 0 and r["floor_ratio"] >= 1.0
         if r["method"] == "sft":
             assert r["ratio_to_sft"] == 1.0 and r["floor_ratio"] == 1.0
     assert {r["overlap"] for r in rows if r["method"] == "flythinker"} == {"none"}
+    # CoT's floor counts its 3 rationale tokens on top of the 32-token prompt.
+    assert next(r["floor_ratio"] for r in rows if r["method"] == "cot" and r["measure"] == "ttft_ms") == round(1 + 3 / 32, 4)
 
     png = out.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_graphs_on_a_cpu_are_refused(capsys):
+    assert main(["bench", "--shape", "tiny", "--device", "cpu", "--steps", "[graphs]"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
 
 
 def test_unknown_shape_is_named(capsys):

@@ -1,25 +1,36 @@
-"""Efficiency benchmark: SFT, FlyThinker (each overlap mode) and FlyThinker-shared, side by side.
+"""Efficiency benchmark: SFT, FlyThinker (each overlap mode), FlyThinker-shared, CoT and Coconut.
 
 Every method runs in one process, on the same weights (copies of one random or loaded generator),
 through the same decode loop (`flythinker.decoding.decode`: same cache type, sampler, stopping
-rule and per-step host sync), in the same weight format. Decode repeats are interleaved across
-methods (repeat 1 of every method, then repeat 2, ...), so drifting machine load hits all of them
-alike; each figure is the median over repeats, after a warm-up run.
+rule and per-step host sync), in the same weight format. On a GPU every method that can also
+decodes with CUDA graphs (``steps="graphs"``), and is then compared with SFT decoding with graphs.
+Decode repeats are interleaved across methods (repeat 1 of every method, then repeat 2, ...), so
+drifting machine load hits all of them alike; each figure is the median over repeats, after a
+warm-up run. Per-token latency is the median interval between consecutive tokens of a run; what
+the first two decode steps cost beyond it (a graph's warm-up and capture) is `decode_warmup_ms`.
+
+CoT and Coconut run the generator as they decode: CoT writes ``rationale_tokens`` tokens before its
+first answer token (a fixed count: random weights cannot be trusted to write the answer marker),
+Coconut feeds ``latent_thoughts`` hidden states back between its thought markers. Their time to
+first token is to the first answer token.
 
 Every result carries two ratios, both as costs relative to SFT (> 1 = costlier; for tokens/s,
 SFT's throughput over this method's): the measured one, and the floor implied by the work:
 - decode: bytes of weights read per step (a memory-bound step cannot beat reading them once):
   the generator's decoder and LM head, plus the reasoner's decoder (no LM head: its logits are never
   used), or plus only the adapter for the shared variant;
-- time to first token: prefill FLOPs, 1 + non-embedding params of R / non-embedding params of G;
+- time to first token: prefill FLOPs, 1 + non-embedding params of R / non-embedding params of G
+  (CoT, Coconut: 1 + the tokens they add before answering / prompt tokens);
 - training step: FLOPs, 1 + non-embedding params of R / params of G;
 - peak memory: parameter bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
+import itertools
 import json
 import logging
 import platform
@@ -35,8 +46,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
-from flythinker.decoding import generate_plain
+from flythinker.config import GenerationConfig
+from flythinker.decoding import decode, generate_plain
 from flythinker.errors import FlyThinkerError
+from flythinker.methods.coconut import LatentThoughtDecoder, ThoughtMarkers
 from flythinker.model import FlyThinker, position_ids_from_mask
 from flythinker.prepack import prepack_available, prepack_linears
 from flythinker.shared import FlyThinkerShared
@@ -62,10 +75,13 @@ MEASURES = {  # measure -> (unit, higher is better)
     "decode_tokens_per_s_b32": ("tokens/s", True),
     "train_step_s": ("s", False),
     "peak_memory_mb": ("MB", False),
+    "decode_warmup_ms": ("ms", False),  # no ratio: near zero for eager decoding
 }
-# CoT and Coconut decode sequentially through latent or written thoughts; they join this table as
-# `Contender`s once `flythinker.methods` provides their decoders (not faked here).
-PENDING_METHODS = ("cot", "coconut")
+NO_RATIO = {"decode_warmup_ms"}
+STEP_MODES = ("eager", "graphs")
+# Coconut's thought markers without a tokenizer: "<thought>" and "</thought>" are about three
+# tokens each; which ids they are does not change the cost.
+SHAPE_THOUGHT_MARKERS = ThoughtMarkers(begin=(3, 4, 5), end=(6, 4, 5))
 
 
 @dataclass
@@ -85,7 +101,13 @@ class BenchSettings:
     generator: str = TINY
     reasoner: str = TINY
     threads: int = 1
-    ratio_convention: str = "cost relative to SFT (>1 = costlier); for tokens/s: SFT's throughput / this one's"
+    steps: tuple[str, ...] = ("eager",)  # "graphs": also every method that can, with CUDA graphs
+    rationale_tokens: int = 32  # CoT: tokens written before the answer
+    latent_thoughts: int = 2  # Coconut: hidden states fed back before the answer
+    ratio_convention: str = (
+        "cost relative to SFT with the same steps (eager or graphs) (>1 = costlier); "
+        "for tokens/s: SFT's throughput / this one's"
+    )
     peak_memory_definition: str = (
         "parameter and buffer bytes of the method's modules + the working memory of one batch-1 decode "
         "(GPU: max_memory_allocated over the allocation before it; CPU: peak RSS over the RSS before it)"
@@ -102,6 +124,7 @@ class Result:
     unit: str
     ratio_to_sft: float | None = None
     floor_ratio: float | None = None
+    steps: str = "eager"  # "graphs": static caches and CUDA-graph replay, compared with SFT's
 
 
 @dataclass
@@ -113,6 +136,12 @@ class Contender:
     modules: list[nn.Module]
     run: Callable[[torch.Tensor, torch.Tensor, int, Callable], object]
     floors: dict[str, float]
+    steps: str = "eager"
+    batched: bool = True  # timed at batch 8 and 32 too
+
+    @property
+    def key(self) -> tuple[str, str | None, str]:
+        return self.method, self.overlap, self.steps
 
 
 # ---------------------------------------------------------------------------------- models
@@ -184,6 +213,13 @@ def floors_for(method: str, g: PreTrainedModel, r: PreTrainedModel | None, adapt
     return _floors(g, adapter_bytes, g_nonemb, g_nonemb, adapter_bytes)
 
 
+def thinking_floors(g: PreTrainedModel, added_tokens: int, prompt_tokens: int) -> dict[str, float]:
+    """CoT and Coconut: G's own weights, plus ``added_tokens`` positions to process before answering."""
+    floors = _floors(g, 0, 0, 0, 0)
+    floors["ttft_ms"] = 1 + added_tokens / prompt_tokens
+    return floors
+
+
 # ---------------------------------------------------------------------------------- timing
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -216,8 +252,15 @@ def _peak(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def timed_decode(contender: Contender, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
-    """(time to first token, mean seconds per later token) of one generate call."""
+@dataclass
+class DecodeTiming:
+    ttft: float  # seconds from the call to the first (answer) token
+    per_token: float  # median seconds between consecutive tokens
+    warmup: float  # what the first two intervals cost beyond two median ones
+
+
+def timed_decode(contender: Contender, ids: torch.Tensor, new_tokens: int, device: torch.device) -> DecodeTiming:
+    """Time one generate call, stamping every token as it is chosen."""
     stamps: list[float] = []
 
     def on_token(_: torch.Tensor) -> None:
@@ -229,7 +272,9 @@ def timed_decode(contender: Contender, ids: torch.Tensor, new_tokens: int, devic
     contender.run(ids, torch.ones_like(ids), new_tokens, on_token)
     if len(stamps) != new_tokens:
         raise FlyThinkerError(f"{contender.method} stopped after {len(stamps)} of {new_tokens} tokens")
-    return stamps[0] - start, (stamps[-1] - stamps[0]) / max(1, new_tokens - 1)
+    intervals = [b - a for a, b in itertools.pairwise(stamps)] or [0.0]
+    per_token = statistics.median(intervals)
+    return DecodeTiming(stamps[0] - start, per_token, max(0.0, sum(intervals[:2]) - per_token * len(intervals[:2])))
 
 
 def random_prompts(batch: int, length: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -237,11 +282,15 @@ def random_prompts(batch: int, length: int, vocab: int, device: torch.device, se
     return torch.randint(3, vocab, (batch, length), generator=generator).to(device)
 
 
-def train_step_seconds(model: nn.Module, settings: BenchSettings, vocab: int, device: torch.device) -> float:
-    """Median seconds of one AdamW step (forward, backward, update), as `flythinker.train` runs it."""
+def train_step_seconds(model: nn.Module, settings: BenchSettings, vocab: int, device: torch.device,
+                       extra_tokens: int = 0) -> float:
+    """Median seconds of one AdamW step (forward, backward, update), as `flythinker.train` runs it.
+
+    ``extra_tokens``: longer sequences for the same examples (CoT trains on rationale + answer).
+    """
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    ids = random_prompts(settings.train_batch, settings.train_tokens, vocab, device, seed=1)
+    ids = random_prompts(settings.train_batch, settings.train_tokens + extra_tokens, vocab, device, seed=1)
     mask = torch.ones_like(ids)
     times = []
     for index in range(1 + settings.train_repeats):  # the first step allocates the optimizer state
@@ -269,45 +318,86 @@ def _overlap_modes(device: torch.device) -> list[str]:
 
 def make_contenders(g: PreTrainedModel, r: PreTrainedModel, settings: BenchSettings, device: torch.device,
                     overlaps: list[str]) -> list[Contender]:
-    """SFT on ``g`` itself, FlyThinker on copies of ``g`` and ``r``, the shared variant on a copy of ``g``."""
+    """SFT, CoT and Coconut on ``g`` itself, FlyThinker on copies of ``g`` and ``r``, the shared
+    variant on a copy of ``g``; each in every step mode it supports."""
     pack = settings.weights == "packed"
-    never = dict(eos_token_id=-1, pad_token_id=0)  # no EOS: every run decodes all its tokens
-    contenders = []
+    never = {"eos_token_id": -1, "pad_token_id": 0}  # no EOS: every run decodes all its tokens
     fly_floors = floors_for("flythinker", g, r)
-    for overlap in overlaps:
-        reasoner = copy.deepcopy(r)
-        if overlap == "devices":
-            reasoner = reasoner.to(torch.device("cuda", 1))
-        fly = FlyThinker.from_models(reasoner, copy.deepcopy(g)).eval()
-        if pack:
-            prepack_linears(fly.reasoner.get_decoder())  # its LM head is never run
-            prepack_linears(fly.generator)
-        contenders.append(Contender(
-            "flythinker", overlap, [fly],
-            lambda ids, mask, n, cb, fly=fly, o=overlap: fly.generate(ids, mask, max_new_tokens=n, overlap=o, on_token=cb, **never),
-            dict(fly_floors),
-        ))
+    sft_floors = floors_for("sft", g, None)
+    rationale, latents = settings.rationale_tokens, settings.latent_thoughts
+    thought_tokens = latents + len(SHAPE_THOUGHT_MARKERS.begin) + len(SHAPE_THOUGHT_MARKERS.end)
     shared = FlyThinkerShared.from_model(copy.deepcopy(g)).eval()
     adapter_bytes = _unique_bytes(shared.adapter_state().values())
+    shared_floors = floors_for("flythinker-shared", g, None, adapter_bytes)
+    flys = {}
+    for overlap in overlaps:  # one model for the one-device modes, a moved copy for "devices"
+        key = "devices" if overlap == "devices" else "one-device"
+        if key not in flys:
+            reasoner = copy.deepcopy(r)
+            if overlap == "devices":
+                reasoner = reasoner.to(torch.device("cuda", 1))
+            flys[key] = FlyThinker.from_models(reasoner, copy.deepcopy(g)).eval()
+            if pack:
+                prepack_linears(flys[key].reasoner.get_decoder())  # its LM head is never run
+                prepack_linears(flys[key].generator)
     if pack:
         prepack_linears(shared.generator)
-    contenders.append(Contender(
-        "flythinker-shared", None, [shared],
-        lambda ids, mask, n, cb: shared.generate(ids, mask, max_new_tokens=n, on_token=cb, **never),
-        floors_for("flythinker-shared", g, None, adapter_bytes),
-    ))
-    sft_floors = floors_for("sft", g, None)
-    if pack:
         prepack_linears(g)
-    contenders.insert(0, Contender(
-        "sft", None, [g],
-        lambda ids, mask, n, cb: generate_plain(g, ids, mask, max_new_tokens=n, on_token=cb, **never),
-        sft_floors,
-    ))
+
+    def cot(ids, mask, n, cb, graphs):
+        seen = [0]
+
+        def answer_tokens_only(token):  # the first `rationale` tokens are the rationale
+            seen[0] += 1
+            if seen[0] > rationale:
+                cb(token)
+
+        return generate_plain(g, ids, mask, max_new_tokens=rationale + n, on_token=answer_tokens_only,
+                              cuda_graphs=graphs, **never)
+
+    def coconut(ids, mask, n, cb):
+        with torch.no_grad():
+            return decode(LatentThoughtDecoder(g, SHAPE_THOUGHT_MARKERS, latents), ids, mask,
+                          GenerationConfig(max_new_tokens=n), on_token=cb, **never)
+
+    contenders = []
+    for steps in settings.steps:
+        graphs = steps == "graphs"
+        contenders.append(Contender(
+            "sft", None, [g],
+            lambda ids, mask, n, cb, graphs=graphs: generate_plain(g, ids, mask, max_new_tokens=n, on_token=cb,
+                                                                    cuda_graphs=graphs, **never),
+            dict(sft_floors), steps,
+        ))
+        for overlap in overlaps:
+            if graphs and overlap == "devices":
+                continue  # graphs need both models on one device
+            fly = flys["devices" if overlap == "devices" else "one-device"]
+            contenders.append(Contender(
+                "flythinker", overlap, [fly],
+                lambda ids, mask, n, cb, fly=fly, o=overlap, graphs=graphs: fly.generate(
+                    ids, mask, max_new_tokens=n, overlap=o, on_token=cb, cuda_graphs=graphs, **never),
+                dict(fly_floors), steps,
+            ))
+        contenders.append(Contender(
+            "flythinker-shared", None, [shared],
+            lambda ids, mask, n, cb, graphs=graphs: shared.generate(ids, mask, max_new_tokens=n, on_token=cb,
+                                                                     cuda_graphs=graphs, **never),
+            dict(shared_floors), steps,
+        ))
+        contenders.append(Contender(
+            "cot", None, [g], lambda ids, mask, n, cb, graphs=graphs: cot(ids, mask, n, cb, graphs),
+            thinking_floors(g, rationale, settings.prompt_tokens), steps, batched=False,
+        ))
+    contenders.append(Contender("coconut", None, [g], coconut,
+                                thinking_floors(g, thought_tokens, settings.prompt_tokens), batched=False))
     return contenders
 
 
 # ---------------------------------------------------------------------------------- the run
+Key = tuple[str, str | None, str]  # method, overlap, steps
+
+
 def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: int = 0) -> list[Result]:
     device = torch.device(settings.device)
     dtype = getattr(torch, settings.dtype)
@@ -315,24 +405,26 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
     r = g if settings.reasoner == settings.generator else build_lm(settings.reasoner, dtype, device, seed=seed + 1)
     vocab = g.config.vocab_size
     overlaps = overlaps or _overlap_modes(device)
-    raw: dict[tuple[str, str | None], dict[str, float]] = {}
+    raw: dict[Key, dict[str, float]] = {}
 
     # Training first, on fresh copies freed after each method: optimizer state is the largest memory.
     log.info("training steps")
-    trainers: list[tuple[str, Callable[[], nn.Module]]] = [
-        ("sft", lambda: copy.deepcopy(g)),
-        ("flythinker", lambda: FlyThinker.from_models(copy.deepcopy(r), copy.deepcopy(g))),
-        ("flythinker-shared", lambda: FlyThinkerShared.from_model(copy.deepcopy(g))),
+    trainers: list[tuple[str, Callable[[], nn.Module], int]] = [
+        ("sft", lambda: copy.deepcopy(g), 0),
+        ("flythinker", lambda: FlyThinker.from_models(copy.deepcopy(r), copy.deepcopy(g)), 0),
+        ("flythinker-shared", lambda: FlyThinkerShared.from_model(copy.deepcopy(g)), 0),
+        ("cot", lambda: copy.deepcopy(g), settings.rationale_tokens),  # SFT on rationale + answer
     ]
+    settings.notes.append("coconut: training step not timed (its curriculum stages run k+1 sequential passes)")
     train_times = {}
-    for method, build in trainers:
+    for method, build, extra_tokens in trainers:
         # Weights, gradients and AdamW's two moments: four copies of every trained parameter.
         need = 4 * (module_bytes(g) + (module_bytes(r) if method == "flythinker" else 0)) * 1.1
         if need > _available_bytes(device):
             settings.notes.append(f"{method}: training step skipped, needs about {need / 2**30:.1f} GiB")
             continue
         model = build()
-        train_times[method] = train_step_seconds(model, settings, vocab, device)
+        train_times[method] = train_step_seconds(model, settings, vocab, device, extra_tokens)
         del model
         _free(device)
 
@@ -341,7 +433,8 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
     _free(device)
     sft_bytes = module_bytes(*contenders[0].modules)
     for c in contenders:
-        raw[(c.method, c.overlap)] = {"train_step_s": train_times[c.method]} if c.method in train_times else {}
+        # Training does not depend on how a method decodes: reported once, with the eager rows.
+        raw[c.key] = {"train_step_s": train_times[c.method]} if c.method in train_times and c.steps == "eager" else {}
         # Memory floor from the weights as they are held (a packed tied head is a second copy).
         c.floors["peak_memory_mb"] = module_bytes(*c.modules) / sft_bytes
 
@@ -352,27 +445,29 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
         before = _reset_peak(device)
         timed_decode(c, prompt, settings.new_tokens, device)
         working = max(0, _peak(device) - before)
-        raw[(c.method, c.overlap)]["peak_memory_mb"] = (module_bytes(*c.modules) + working) / 2**20
+        raw[c.key]["peak_memory_mb"] = (module_bytes(*c.modules) + working) / 2**20
 
     log.info("decode, batch 1")
-    samples: dict[tuple[str, str | None], dict[str, list[float]]] = {(c.method, c.overlap): {} for c in contenders}
+    samples: dict[Key, dict[str, list[float]]] = {c.key: {} for c in contenders}
     for _ in range(settings.repeats):
         for c in contenders:
-            ttft, per_token = timed_decode(c, prompt, settings.new_tokens, device)
-            samples[(c.method, c.overlap)].setdefault("ttft_ms", []).append(ttft * 1e3)
-            samples[(c.method, c.overlap)].setdefault("decode_ms_per_token_b1", []).append(per_token * 1e3)
+            timing = timed_decode(c, prompt, settings.new_tokens, device)
+            samples[c.key].setdefault("ttft_ms", []).append(timing.ttft * 1e3)
+            samples[c.key].setdefault("decode_ms_per_token_b1", []).append(timing.per_token * 1e3)
+            samples[c.key].setdefault("decode_warmup_ms", []).append(timing.warmup * 1e3)
     for batch in settings.batches:
         log.info("decode, batch %d", batch)
         ids = random_prompts(batch, settings.batch_prompt_tokens, vocab, device, seed + batch)
-        for c in contenders:  # warm-up: allocator and kernels at this batch size
-            timed_decode(c, ids, 2, device)
+        batched = [c for c in contenders if c.batched]
+        for c in batched:  # warm-up: allocator and kernels at this batch size
+            timed_decode(c, ids, 3, device)
         for _ in range(settings.repeats):
-            for c in contenders:
-                _, per_token = timed_decode(c, ids, settings.batch_new_tokens, device)
-                samples[(c.method, c.overlap)].setdefault(f"decode_tokens_per_s_b{batch}", []).append(batch / per_token)
+            for c in batched:
+                timing = timed_decode(c, ids, settings.batch_new_tokens, device)
+                samples[c.key].setdefault(f"decode_tokens_per_s_b{batch}", []).append(batch / timing.per_token)
     for key, measures in samples.items():
         raw[key].update({m: statistics.median(v) for m, v in measures.items()})
-    return _with_ratios(raw, {(c.method, c.overlap): c.floors for c in contenders})
+    return _with_ratios(raw, {c.key: c.floors for c in contenders})
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -390,16 +485,19 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _with_ratios(raw: dict[tuple[str, str | None], dict[str, float]], floors: dict) -> list[Result]:
-    sft = raw[("sft", None)]
+def _with_ratios(raw: dict[Key, dict[str, float]], floors: dict[Key, dict[str, float]]) -> list[Result]:
     results = []
-    for (method, overlap), values in raw.items():
+    for (method, overlap, steps), values in raw.items():
+        sft = raw.get(("sft", None, steps), {})
         for measure, value in values.items():
             unit, higher_is_better = MEASURES[measure]
             base = sft.get(measure)
-            ratio = (base / value if higher_is_better else value / base) if value and base else None
-            results.append(Result(method, overlap, measure, round(value, 4), unit,
-                                  None if ratio is None else round(ratio, 4), round(floors[(method, overlap)][measure], 4)))
+            ratio = None
+            if measure not in NO_RATIO and value and base:
+                ratio = round(base / value if higher_is_better else value / base, 4)
+            floor = floors[(method, overlap, steps)].get(measure)
+            results.append(Result(method, overlap, measure, round(value, 4), unit, ratio,
+                                  None if floor is None else round(floor, 4), steps))
     return results
 
 
@@ -422,7 +520,8 @@ def machine_info(device: torch.device) -> dict[str, object]:
 
 
 def _label(r: Result) -> str:
-    return r.method if r.overlap is None else f"{r.method}[{r.overlap}]"
+    label = r.method if r.overlap is None else f"{r.method}[{r.overlap}]"
+    return label if r.steps == "eager" else f"{label}+graphs"
 
 
 def format_table(results: list[Result]) -> str:
@@ -440,7 +539,7 @@ def plot_results(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measures = [m for m in MEASURES if any(r.measure == m for r in results)]
+    measures = [m for m in MEASURES if m not in NO_RATIO and any(r.measure == m for r in results)]
     fig, axes = plt.subplots(1, len(measures), figsize=(3.2 * len(measures), 3.6), squeeze=False)
     for ax, measure in zip(axes[0], measures):
         rows = [r for r in results if r.measure == measure]
@@ -466,12 +565,15 @@ def bench_command(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     weights: Literal["auto", "plain", "packed"] = "auto",
     overlaps: list[str] | None = None,
+    steps: list[Literal["eager", "graphs"]] | None = None,
     prompt_tokens: int = 32,
     new_tokens: int = 16,
     batch_new_tokens: int = 6,
     repeats: int = 3,
     train_batch: int = 1,
     train_tokens: int = 64,
+    rationale_tokens: int = 32,
+    latent_thoughts: int = 2,
     threads: int = 0,
     json: str | None = None,
     plot: str | None = None,
@@ -492,12 +594,16 @@ def bench_command(
         weights: "packed" pre-packs every method's linear weights for oneDNN (CPU, fp32 only);
             "auto" packs where that is possible. Every method always gets the same format.
         overlaps: FlyThinker overlap modes to time (default: every mode this machine has).
+        steps: "eager" and/or "graphs" (static caches, CUDA-graph replay; CUDA only). Default: both
+            on a GPU, eager on a CPU. Each method is compared with SFT decoding the same way.
         prompt_tokens: Prompt length of the batch-1 runs (ttft and per-token latency).
         new_tokens: Tokens generated per batch-1 run.
         batch_new_tokens: Tokens generated per batch-8 and batch-32 run.
         repeats: Timed repeats of every decode measurement (after a warm-up); medians are reported.
         train_batch: Batch size of the timed training step.
         train_tokens: Sequence length of the timed training step.
+        rationale_tokens: Tokens CoT writes before its answer (timed to its first answer token).
+        latent_thoughts: Coconut's latent thoughts before its answer.
         threads: CPU threads for torch (0: torch's default). On a CPU shared with other jobs, 1
             avoids the stalls of oversubscribed thread pools.
         json: Write ``{"machine", "settings", "results"}`` here.
@@ -518,14 +624,18 @@ def bench_command(
         raise FlyThinkerError("weights='packed' needs float32 weights on a CPU with oneDNN")
     resolved_weights = "packed" if weights == "packed" or (weights == "auto" and packable) else "plain"
     g_source = generator or shape
+    steps = steps or (["eager", "graphs"] if torch_device.type == "cuda" else ["eager"])
+    if "graphs" in steps and torch_device.type != "cuda":
+        raise FlyThinkerError(f"steps 'graphs' needs a CUDA device, not {torch_device}")
     settings = BenchSettings(
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_new_tokens=batch_new_tokens, repeats=repeats,
         train_batch=train_batch, train_tokens=train_tokens, device=str(torch_device), dtype=dtype,
         weights=resolved_weights, generator=g_source, reasoner=reasoner or reasoner_shape or g_source,
-        threads=torch.get_num_threads(),
-        notes=[f"{m}: not built yet (needs the methods issue); no numbers reported" for m in PENDING_METHODS],
+        threads=torch.get_num_threads(), steps=tuple(steps), rationale_tokens=rationale_tokens,
+        latent_thoughts=latent_thoughts,
     )
-    results = run_bench(settings, overlaps, seed)
+    with _graph_failures_noted(settings):
+        results = run_bench(settings, overlaps, seed)
     print(format_table(results))
     plot_path = Path(plot) if plot else Path(json).with_suffix(".png") if json else Path("bench.png")
     plot_path.parent.mkdir(parents=True, exist_ok=True)
@@ -536,6 +646,24 @@ def bench_command(
         Path(json).parent.mkdir(parents=True, exist_ok=True)
         Path(json).write_text(_json_dumps(payload))
         print(f"json: {json}")
+
+
+@contextlib.contextmanager
+def _graph_failures_noted(settings: BenchSettings):
+    """A failed CUDA-graph capture falls back to eager steps; its "graphs" rows must say so."""
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            note = f"CUDA graphs not used in some runs: {record.getMessage()}"
+            if note not in settings.notes:
+                settings.notes.append(note)
+
+    handler, source = Collect(level=logging.WARNING), logging.getLogger("flythinker.graphs")
+    source.addHandler(handler)
+    try:
+        yield
+    finally:
+        source.removeHandler(handler)
 
 
 def _json_dumps(value: object) -> str:

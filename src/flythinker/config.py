@@ -105,6 +105,9 @@ class GenerationConfig:
         seed: Seed of the sampler, so a sampled run can be repeated exactly.
         overlap: "none" runs the reasoner step then the generator step; "streams" runs them on
             two CUDA streams of one GPU; "devices" when the two models sit on different devices.
+        cuda_graphs: Decode on static KV caches and replay each step from a CUDA graph (CUDA
+            only). At small batches a GPU step is bound by kernel launches; a graph launches the
+            whole step at once. Costs one static cache of prompt + max_new_tokens slots per model.
     """
 
     max_new_tokens: int = 256
@@ -114,6 +117,7 @@ class GenerationConfig:
     top_k: int = 0
     seed: int = 0
     overlap: Overlap = "none"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -10,6 +10,9 @@ The two halves of a step do not depend on each other, which is what the overlap 
 - ``"devices"``: reasoner and generator on different devices; only the new token and one small
   vector per row cross between them, with non-blocking copies, so both devices run at once.
 
+Orthogonally, ``cuda_graphs`` decodes on static KV caches and replays each step from a CUDA graph
+(`flythinker.graphs`); under ``"streams"`` one graph holds both models' branches.
+
 Hugging Face ``generate()`` cannot change a model's inputs per step, hence this loop. Only the
 reasoner's base model runs (its LM head would be pure waste), and the generator's prefill keeps the
 logits of the last position only.
@@ -38,6 +41,7 @@ from transformers.generation.logits_process import (
 
 from flythinker.config import GenerationConfig
 from flythinker.errors import FlyThinkerError
+from flythinker.graphs import StaticStep, StepInputs, check_step_mode, static_cache
 from flythinker.model import position_ids_from_mask
 
 if TYPE_CHECKING:
@@ -61,10 +65,15 @@ class StepDecoder(ABC):
     """One model family's prefill and decode step; `decode` owns the loop around them.
 
     ``prefill`` reads the left-padded prompts and ``step`` one new token per row; both return the
-    (batch, vocab) next-token logits. Implementations keep their own caches.
+    (batch, vocab) next-token logits. Implementations keep their own caches. `decode` calls
+    ``reserve`` first with the longest sequence it may produce, which static caches are sized to.
     """
 
     device: torch.device  # where logits come out and tokens are chosen
+    max_length: int | None = None
+
+    def reserve(self, max_length: int) -> None:
+        self.max_length = max_length
 
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor: ...
@@ -78,34 +87,63 @@ class StepDecoder(ABC):
 
 
 class CausalLMDecoder(StepDecoder):
-    """A plain Hugging Face causal LM with a KV cache: the SFT and zero-shot baselines."""
+    """A plain Hugging Face causal LM with a KV cache: the SFT and zero-shot baselines.
 
-    def __init__(self, lm: PreTrainedModel) -> None:
-        self.lm, self.device = lm, lm.device
-        self.cache = cache_kwargs(lm, DynamicCache(config=lm.config))
+    ``steps``: "dynamic" (growing cache), "static" or "graph" (static cache, CUDA-graph replay).
+    """
+
+    def __init__(self, lm: PreTrainedModel, steps: str = "dynamic") -> None:
+        check_step_mode(steps, lm.device)
+        self.lm, self.device, self.steps = lm, lm.device, steps
+        self.prefill_cache = DynamicCache(config=lm.config)
+        self.cache = cache_kwargs(lm, self.prefill_cache)
+        self.static: StaticStep | None = None
 
     def prefill(self, input_ids, attention_mask, position_ids):
-        return self._logits(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
+        logits = self._logits(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
+        if self.steps != "dynamic":
+            self.inputs = StepInputs(attention_mask, self.max_length, self.lm.dtype)
+            self.cache = cache_kwargs(self.lm, static_cache(self.lm.config, [self.prefill_cache], self.max_length))
+            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
+        return logits
 
     def step(self, tokens, attention_mask, position_ids):
+        if self.static is not None:
+            self.inputs.load(tokens, position_ids)
+            return self.static()
         return self._logits(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids)
+
+    def _static_step(self) -> torch.Tensor:
+        inputs = self.inputs
+        return self._logits(input_ids=inputs.tokens[:, None], attention_mask=inputs.mask.advance(), position_ids=inputs.position)
 
     def _logits(self, **inputs) -> torch.Tensor:
         return self.lm(**inputs, use_cache=True, **self.cache).logits[:, -1].float()
 
 
 class FlyThinkerDecoder(StepDecoder):
-    """Reasoner and generator in lockstep, each with its own cache, on the devices they are on."""
+    """Reasoner and generator in lockstep, each with its own cache, on the devices they are on.
 
-    def __init__(self, model: FlyThinker, overlap: str = "none") -> None:
+    ``steps`` as for `CausalLMDecoder`; with "graph" and ``overlap="streams"`` one graph holds
+    both models, on two branches the GPU runs side by side.
+    """
+
+    def __init__(self, model: FlyThinker, overlap: str = "none", steps: str = "dynamic") -> None:
         self.model = model
         self.r_dev, self.device = model.reasoner.device, model.generator.device
+        check_step_mode(steps, self.r_dev, self.device)
+        if steps != "dynamic" and self.r_dev != self.device:
+            raise FlyThinkerError("static caches and CUDA graphs need both models on one device; not with overlap='devices'")
+        self.steps = steps
         self.streams = _Streams.for_mode(overlap, self.r_dev, self.device)
         self.target_norm = model.target_norm() if model.config.rescale else None
         # Caches are made here and filled in place by the models, one per role.
-        self.r_cache = cache_kwargs(model.reasoner.base_model, DynamicCache(config=model.reasoner.config))
-        self.g_cache = cache_kwargs(model.generator, DynamicCache(config=model.generator.config))
+        self.r_prefill = DynamicCache(config=model.reasoner.config)
+        self.g_prefill = DynamicCache(config=model.generator.config)
+        self.r_cache = cache_kwargs(model.reasoner.base_model, self.r_prefill)
+        self.g_cache = cache_kwargs(model.generator, self.g_prefill)
         self.h_prev: torch.Tensor | None = None
+        self.static: StaticStep | None = None
 
     def prefill(self, input_ids, attention_mask, position_ids):
         model, r_dev = self.model, self.r_dev
@@ -113,16 +151,36 @@ class FlyThinkerDecoder(StepDecoder):
         h_prompt = model.reason(
             input_ids.to(r_dev), attention_mask.to(r_dev), position_ids.to(r_dev), use_cache=True, **self.r_cache
         ).last_hidden_state.to(self.device)
-        self.h_prev = h_prompt[:, -1]
+        self.h_prev = h_prompt[:, -1].clone()  # a buffer of its own: static steps rewrite it in place
         embeds = model.fused_embeddings(input_ids, attention_mask, h_prompt, self.target_norm)
-        return model.generator(
+        logits = model.generator(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=True, logits_to_keep=1, **self.g_cache,
         ).logits[:, -1].float()
+        if self.steps != "dynamic":
+            self.inputs = StepInputs(attention_mask, self.max_length, model.generator.dtype)
+            self.r_cache = cache_kwargs(model.reasoner.base_model, static_cache(model.reasoner.config, [self.r_prefill], self.max_length))
+            self.g_cache = cache_kwargs(model.generator, static_cache(model.generator.config, [self.g_prefill], self.max_length))
+            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
+        return logits
 
     def step(self, tokens, attention_mask, position_ids):
+        if self.static is not None:
+            self.inputs.load(tokens, position_ids)
+            return self.static()
+        logits, h_next = self._both(tokens, attention_mask, position_ids)
+        self.h_prev = h_next.to(self.device, non_blocking=True)
+        return logits
+
+    def _static_step(self) -> torch.Tensor:
+        inputs = self.inputs
+        logits, h_next = self._both(inputs.tokens, inputs.mask.advance(), inputs.position)
+        self.h_prev.copy_(h_next)  # after the join: the generator has read the old value
+        return logits
+
+    def _both(self, tokens, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of each model; both read only the new token and h_prev, neither waits on the other."""
         model, r_dev = self.model, self.r_dev
-        # Both halves read only the new token and h_prev; neither waits on the other.
         signal = model.reasoning_signal(self.h_prev[:, None], self.target_norm)
         with self.streams.reasoner():
             h_next = model.reason(
@@ -142,11 +200,10 @@ class FlyThinkerDecoder(StepDecoder):
                 **self.g_cache,
             ).logits[:, -1].float()
         self.streams.join()
-        self.h_prev = h_next.to(self.device, non_blocking=True)
-        return logits
+        return logits, h_next
 
     def reasoning(self):
-        return self.h_prev
+        return self.h_prev.clone()
 
 
 @torch.no_grad()
@@ -164,7 +221,7 @@ def generate(
     """
     config, options = _split_overrides(config, kwargs)
     with _eval_mode(model):
-        return decode(model.step_decoder(config.overlap), input_ids, attention_mask, config,
+        return decode(model.step_decoder(config.overlap, _step_mode(config)), input_ids, attention_mask, config,
                       **_defaults(model.tokenizer, model.generator, model.context_length(), options))
 
 
@@ -181,7 +238,7 @@ def generate_plain(
     config, options = _split_overrides(config, kwargs)
     with _eval_mode(lm):
         context = getattr(lm.config, "max_position_embeddings", None)
-        return decode(CausalLMDecoder(lm), input_ids, attention_mask, config,
+        return decode(CausalLMDecoder(lm, _step_mode(config)), input_ids, attention_mask, config,
                       **_defaults(tokenizer, lm, context, options))
 
 
@@ -220,6 +277,7 @@ def decode(
     if empty:
         raise FlyThinkerError(f"empty prompt in batch row(s) {empty}: every prompt needs at least one token")
     max_new_tokens = _fit_context(context_length, input_ids.shape[1], config.max_new_tokens)
+    decoder.reserve(input_ids.shape[1] + max_new_tokens)
     device = decoder.device
     select = _token_selector(config, device)
     mask = attention_mask.to(device)
@@ -249,6 +307,10 @@ def decode(
         position = position + 1
         logits = decoder.step(token, mask, position)
     return GenerationOutput(torch.stack(tokens, dim=1), scores, reasoning)
+
+
+def _step_mode(config: GenerationConfig) -> str:
+    return "graph" if config.cuda_graphs else "dynamic"
 
 
 _LOOP_OPTIONS = ("eos_token_id", "pad_token_id", "on_token", "output_scores", "output_reasoning")
@@ -334,13 +396,16 @@ def _token_selector(config: GenerationConfig, device: torch.device) -> Callable[
 
 
 class _Streams:
-    """Where each half of a decode step runs. Without streams both contexts are no-ops."""
+    """Where each half of a decode step runs. Without streams both contexts are no-ops.
+
+    Each half forks from whatever stream is current when it starts, and `join` brings both back
+    to it, so the same code runs eagerly and inside a CUDA graph capture (whose stream is current).
+    """
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device
         if device is None:
             return
-        self.main = torch.cuda.current_stream(device)
         self.r_stream = torch.cuda.Stream(device)
         self.g_stream = torch.cuda.Stream(device)
 
@@ -366,12 +431,13 @@ class _Streams:
         return self._on(self.g_stream) if self.device is not None else contextlib.nullcontext()
 
     def _on(self, stream: torch.cuda.Stream):
-        # The side stream must see the new token, written on the main stream.
-        stream.wait_stream(self.main)
+        # The side stream must see the new token, written on the stream that is current now.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         return torch.cuda.stream(stream)
 
     def join(self) -> None:
-        """The main stream (sampling, the next step) waits until both halves are done."""
+        """The current stream (sampling, the next step) waits until both halves are done."""
         if self.device is not None:
-            self.main.wait_stream(self.r_stream)
-            self.main.wait_stream(self.g_stream)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.r_stream)
+            current.wait_stream(self.g_stream)

@@ -274,11 +274,14 @@ class FlyThinker(nn.Module):
                 "(max_position_embeddings); shorten the prompt or lower the token budgets"
             )
 
-    def step_decoder(self, overlap: str = "none"):
-        """The prefill and decode step that `flythinker.decoding.generate` loops over."""
+    def step_decoder(self, overlap: str = "none", steps: str = "dynamic"):
+        """The prefill and decode step that `flythinker.decoding.generate` loops over.
+
+        ``steps``: "dynamic" caches, or "static" caches run eagerly or replayed as CUDA "graph"s.
+        """
         from flythinker.decoding import FlyThinkerDecoder
 
-        return FlyThinkerDecoder(self, overlap)
+        return FlyThinkerDecoder(self, overlap, steps)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):

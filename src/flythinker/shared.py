@@ -34,6 +34,7 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Cache,
     DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -42,6 +43,7 @@ from transformers import (
 from flythinker.config import FlyThinkerConfig
 from flythinker.decoding import StepDecoder, cache_kwargs
 from flythinker.errors import FlyThinkerError
+from flythinker.graphs import StaticStep, StepInputs, check_step_mode, static_cache
 from flythinker.model import (
     CONFIG_NAME,
     PROJECTION_NAME,
@@ -98,11 +100,18 @@ class RoleLoRALinear(nn.Module):
         rows = self._rows.rows
         if rows is None:
             return y
-        delta = self.lora_B(self.lora_A(x[rows])) * self.scaling
         if rows == slice(None):
-            return y + delta
-        # In place on the base output (which autograd does not save): only the selected rows move.
-        y[rows] += delta
+            return y + self.lora_B(self.lora_A(x)) * self.scaling
+        # A mixed decode batch (inference): only the selected rows move, in place on the base output.
+        # A plain B accumulates into those rows in the GEMM itself; each kernel saved counts, since
+        # a batch-1 step on a GPU costs about what its kernel count does.
+        target, low_rank = y[rows], self.lora_A(x[rows])
+        if type(self.lora_B) is nn.Linear and target.is_contiguous():
+            target.view(-1, target.shape[-1]).addmm_(
+                low_rank.view(-1, low_rank.shape[-1]), self.lora_B.weight.t(), alpha=self.scaling
+            )
+        else:  # e.g. an inference-only packed layer (`flythinker.prepack`): no plain weight
+            target += self.lora_B(low_rank) * self.scaling
         return y
 
 
@@ -260,7 +269,7 @@ class FlyThinkerShared(FlyThinker):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
             )
 
-    def step_decoder(self, overlap: str = "none") -> StepDecoder:
+    def step_decoder(self, overlap: str = "none", steps: str = "dynamic") -> StepDecoder:
         """One batched 2B-row forward per step. ``overlap`` 'none' and 'streams' both mean that
         (it is this model's one-device overlap); 'devices' cannot split one set of weights."""
         if overlap == "devices":
@@ -268,23 +277,27 @@ class FlyThinkerShared(FlyThinker):
                 "overlap='devices' needs two models on two devices; FlyThinker-shared runs both roles "
                 "in one batched forward on one device (use overlap='none')"
             )
-        return SharedDecoder(self)
+        return SharedDecoder(self, steps)
 
 
 class SharedDecoder(StepDecoder):
     """Both roles in one forward per step: rows [0, B) are the generator, rows [B, 2B) the reasoner.
 
     The prompt prefill stays two passes (the generator's prompt needs every reasoner vector of
-    the prompt); their caches are then stacked into one 2B-row cache.
+    the prompt); their caches are then stacked into one 2B-row cache, dynamic or static
+    (``steps`` as for `flythinker.decoding.CausalLMDecoder`).
     """
 
-    def __init__(self, model: FlyThinkerShared) -> None:
+    def __init__(self, model: FlyThinkerShared, steps: str = "dynamic") -> None:
         self.model = model
         self.lm = model.generator
         self.device = self.lm.device
+        check_step_mode(steps, self.device)
+        self.steps = steps
         self.target_norm = model.target_norm() if model.config.rescale else None
-        self.cache: DynamicCache | None = None
+        self.cache: Cache | None = None
         self.h_prev: torch.Tensor | None = None
+        self.static: StaticStep | None = None
 
     def prefill(self, input_ids, attention_mask, position_ids):
         model, config = self.model, self.lm.config
@@ -292,16 +305,36 @@ class SharedDecoder(StepDecoder):
         h_prompt = model.reason(
             input_ids, attention_mask, position_ids, use_cache=True, **cache_kwargs(self.lm.get_decoder(), r_cache)
         ).last_hidden_state
-        self.h_prev = h_prompt[:, -1]
+        self.h_prev = h_prompt[:, -1].clone()  # a buffer of its own: static steps rewrite it in place
         embeds = model.fused_embeddings(input_ids, attention_mask, h_prompt, self.target_norm)
         logits = self.lm(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=True, logits_to_keep=1, **cache_kwargs(self.lm, g_cache),
         ).logits[:, -1].float()
-        self.cache = stack_caches(g_cache, r_cache, config)
+        if self.steps == "dynamic":
+            self.cache = stack_caches(g_cache, r_cache, config)
+        else:
+            batch = input_ids.shape[0]
+            self.cache = static_cache(config, [g_cache, r_cache], self.max_length)
+            self.inputs = StepInputs(attention_mask, self.max_length, self.lm.dtype, rows=2 * batch)
+            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
         return logits
 
     def step(self, tokens, attention_mask, position_ids):
+        if self.static is not None:
+            self.inputs.load(tokens, position_ids)
+            return self.static()
+        logits, self.h_prev = self._both_roles(tokens, attention_mask.repeat(2, 1), position_ids)
+        return logits
+
+    def _static_step(self) -> torch.Tensor:
+        inputs = self.inputs
+        logits, h_next = self._both_roles(inputs.tokens, inputs.mask.advance(), inputs.position)
+        self.h_prev.copy_(h_next)
+        return logits
+
+    def _both_roles(self, tokens, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """One 2B-row forward; ``attention_mask`` already covers all 2B rows."""
         batch = tokens.shape[0]
         token_embeds = self.lm.get_input_embeddings()(tokens[:, None])
         signal = self.model.reasoning_signal(self.h_prev[:, None], self.target_norm)
@@ -309,17 +342,16 @@ class SharedDecoder(StepDecoder):
         with self.model.adapter_rows.active(slice(batch, None)):
             hidden = self.lm.get_decoder()(
                 inputs_embeds=embeds,
-                attention_mask=attention_mask.repeat(2, 1),
+                attention_mask=attention_mask,
                 position_ids=position_ids.repeat(2, 1),
                 use_cache=True,
                 **cache_kwargs(self.lm.get_decoder(), self.cache),
             ).last_hidden_state[:, -1]
-        self.h_prev = hidden[batch:]
         # Only the generator rows need logits: the LM head is read for B rows, as in plain decoding.
-        return self.lm.get_output_embeddings()(hidden[:batch]).float()
+        return self.lm.get_output_embeddings()(hidden[:batch]).float(), hidden[batch:]
 
     def reasoning(self):
-        return self.h_prev
+        return self.h_prev.clone()
 
 
 def stack_caches(first: DynamicCache, second: DynamicCache, config) -> DynamicCache:
