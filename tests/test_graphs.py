@@ -35,18 +35,28 @@ def decoders(kind: str, make_model, tokenizer, steps: str, overlap: str = "none"
 
 
 def run(decoder, prompt_batch, device="cpu"):
+    """Decode; return the output and the static step the decoder used (None for dynamic steps)."""
+    used = []
+    release = decoder.release
+
+    def keep_then_release():
+        used.append(decoder.static)
+        release()
+
+    decoder.release = keep_then_release
     with torch.no_grad():
-        return decode(decoder, prompt_batch.input_ids.to(device), prompt_batch.attention_mask.to(device),
-                      GenerationConfig(max_new_tokens=NEW_TOKENS), eos_token_id=-1, pad_token_id=0,
-                      output_scores=True, output_reasoning=not isinstance(decoder, CausalLMDecoder))
+        out = decode(decoder, prompt_batch.input_ids.to(device), prompt_batch.attention_mask.to(device),
+                     GenerationConfig(max_new_tokens=NEW_TOKENS), eos_token_id=-1, pad_token_id=0,
+                     output_scores=True, output_reasoning=not isinstance(decoder, CausalLMDecoder))
+    assert decoder.static is None  # released: no graph outlives its decode call
+    return out, used[0]
 
 
 @pytest.mark.parametrize("kind", ["plain", "flythinker-pad", "flythinker-linear", "shared"])
 def test_static_steps_equal_dynamic_steps(kind, make_model, tokenizer, prompt_batch):
-    dynamic = run(decoders(kind, make_model, tokenizer, "dynamic"), prompt_batch)
-    static_decoder = decoders(kind, make_model, tokenizer, "static")
-    static = run(static_decoder, prompt_batch)
-    assert static_decoder.static is not None and static_decoder.static.calls == NEW_TOKENS - 1
+    dynamic, no_step = run(decoders(kind, make_model, tokenizer, "dynamic"), prompt_batch)
+    static, step = run(decoders(kind, make_model, tokenizer, "static"), prompt_batch)
+    assert no_step is None and step is not None and step.calls == NEW_TOKENS - 1
     assert torch.equal(static.sequences, dynamic.sequences)
     score_diff = max((s - d).abs().max().item() for s, d in zip(static.scores, dynamic.scores))
     assert score_diff <= 1e-5, f"static vs dynamic logits differ by {score_diff}"
@@ -58,7 +68,7 @@ def test_static_steps_equal_dynamic_steps(kind, make_model, tokenizer, prompt_ba
 
 def test_static_steps_match_the_parallel_forward(make_model, tokenizer, prompt_batch):
     decoder = decoders("flythinker-pad", make_model, tokenizer, "static")
-    out = run(decoder, prompt_batch)
+    out, _ = run(decoder, prompt_batch)
     parallel = parallel_logits_at_decoded_positions(decoder.model, prompt_batch, out.sequences)
     assert (parallel - torch.stack(out.scores, dim=1)).abs().max() <= 1e-4
 
@@ -85,11 +95,11 @@ def test_cuda_graphs_on_a_cpu_is_a_clear_error(make_model, prompt_batch):
                                                ("flythinker-pad", "streams"), ("flythinker-linear", "streams"),
                                                ("shared", "none")])
 def test_cuda_graph_replays_give_the_cpu_tokens(kind, overlap, make_model, tokenizer, prompt_batch):
-    reference = run(decoders(kind, make_model, tokenizer, "dynamic"), prompt_batch)
+    reference, _ = run(decoders(kind, make_model, tokenizer, "dynamic"), prompt_batch)
     decoder = decoders(kind, make_model, tokenizer, "graph", overlap, device="cuda")
-    out = run(decoder, prompt_batch, device="cuda")
-    assert decoder.static.capture_error is None, decoder.static.capture_error
-    assert decoder.static.graph is not None
+    out, step = run(decoder, prompt_batch, device="cuda")
+    assert step.capture_error is None, step.capture_error
+    assert step.graph is not None and step.calls == NEW_TOKENS - 1
     assert torch.equal(out.sequences.cpu(), reference.sequences)
     score_diff = max((s.cpu() - d).abs().max().item() for s, d in zip(out.scores, reference.scores))
     assert score_diff <= 1e-3, f"graph vs CPU logits differ by {score_diff}"

@@ -167,3 +167,17 @@ def test_batched_roles_on_cuda_give_the_cpu_tokens(make_shared, prompt_batch):
         apart = decode(FlyThinkerDecoder(model), *[a.cuda() for a in args],
                        GenerationConfig(max_new_tokens=NEW_TOKENS), eos_token_id=-1, pad_token_id=0)
     assert torch.equal(apart.sequences.cpu(), reference)
+
+
+def test_adapter_targets_choose_the_adapted_layers(tokenizer, prompt_batch, tmp_path):
+    model = FlyThinkerShared.from_model(build_tiny(64, seed=2), tokenizer, lora_targets=["q_proj", "v_proj"])
+    assert model.adapter_paths and {p.rsplit(".", 1)[-1] for p in model.adapter_paths} == {"q_proj", "v_proj"}
+    randomize_adapter(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = FlyThinkerShared.from_pretrained(tmp_path / "ckpt")
+    assert set(loaded.adapter_state()) == set(model.adapter_state())
+    with torch.no_grad():
+        args = (prompt_batch.input_ids, prompt_batch.attention_mask)
+        assert torch.equal(model(*args).logits, loaded(*args).logits)
+    with pytest.raises(FlyThinkerError, match="lora_targets qq_proj name no linear layer"):
+        FlyThinkerShared.from_model(build_tiny(64, seed=2), tokenizer, lora_targets=["qq_proj"])

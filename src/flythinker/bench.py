@@ -104,6 +104,7 @@ class BenchSettings:
     steps: tuple[str, ...] = ("eager",)  # "graphs": also every method that can, with CUDA graphs
     rationale_tokens: int = 32  # CoT: tokens written before the answer
     latent_thoughts: int = 2  # Coconut: hidden states fed back before the answer
+    lora_targets: tuple[str, ...] = ()  # FlyThinker-shared's adapted layers; empty: every linear layer
     ratio_convention: str = (
         "cost relative to SFT with the same steps (eager or graphs) (>1 = costlier); "
         "for tokens/s: SFT's throughput / this one's"
@@ -326,7 +327,7 @@ def make_contenders(g: PreTrainedModel, r: PreTrainedModel, settings: BenchSetti
     sft_floors = floors_for("sft", g, None)
     rationale, latents = settings.rationale_tokens, settings.latent_thoughts
     thought_tokens = latents + len(SHAPE_THOUGHT_MARKERS.begin) + len(SHAPE_THOUGHT_MARKERS.end)
-    shared = FlyThinkerShared.from_model(copy.deepcopy(g)).eval()
+    shared = FlyThinkerShared.from_model(copy.deepcopy(g), lora_targets=list(settings.lora_targets)).eval()
     adapter_bytes = _unique_bytes(shared.adapter_state().values())
     shared_floors = floors_for("flythinker-shared", g, None, adapter_bytes)
     flys = {}
@@ -409,10 +410,11 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
 
     # Training first, on fresh copies freed after each method: optimizer state is the largest memory.
     log.info("training steps")
+    targets = list(settings.lora_targets)
     trainers: list[tuple[str, Callable[[], nn.Module], int]] = [
         ("sft", lambda: copy.deepcopy(g), 0),
         ("flythinker", lambda: FlyThinker.from_models(copy.deepcopy(r), copy.deepcopy(g)), 0),
-        ("flythinker-shared", lambda: FlyThinkerShared.from_model(copy.deepcopy(g)), 0),
+        ("flythinker-shared", lambda: FlyThinkerShared.from_model(copy.deepcopy(g), lora_targets=targets), 0),
         ("cot", lambda: copy.deepcopy(g), settings.rationale_tokens),  # SFT on rationale + answer
     ]
     settings.notes.append("coconut: training step not timed (its curriculum stages run k+1 sequential passes)")
@@ -574,6 +576,7 @@ def bench_command(
     train_tokens: int = 64,
     rationale_tokens: int = 32,
     latent_thoughts: int = 2,
+    lora_targets: list[str] | None = None,
     threads: int = 0,
     json: str | None = None,
     plot: str | None = None,
@@ -604,6 +607,8 @@ def bench_command(
         train_tokens: Sequence length of the timed training step.
         rationale_tokens: Tokens CoT writes before its answer (timed to its first answer token).
         latent_thoughts: Coconut's latent thoughts before its answer.
+        lora_targets: FlyThinker-shared's adapted layers by name, e.g. [q_proj,v_proj] (default:
+            every linear layer of the decoder blocks).
         threads: CPU threads for torch (0: torch's default). On a CPU shared with other jobs, 1
             avoids the stalls of oversubscribed thread pools.
         json: Write ``{"machine", "settings", "results"}`` here.
@@ -632,7 +637,7 @@ def bench_command(
         train_batch=train_batch, train_tokens=train_tokens, device=str(torch_device), dtype=dtype,
         weights=resolved_weights, generator=g_source, reasoner=reasoner or reasoner_shape or g_source,
         threads=torch.get_num_threads(), steps=tuple(steps), rationale_tokens=rationale_tokens,
-        latent_thoughts=latent_thoughts,
+        latent_thoughts=latent_thoughts, lora_targets=tuple(lora_targets or ()),
     )
     with _graph_failures_noted(settings):
         results = run_bench(settings, overlaps, seed)

@@ -71,9 +71,16 @@ class StepDecoder(ABC):
 
     device: torch.device  # where logits come out and tokens are chosen
     max_length: int | None = None
+    static: StaticStep | None = None  # the step on static buffers, when the decoder uses one
 
     def reserve(self, max_length: int) -> None:
         self.max_length = max_length
+
+    def release(self) -> None:
+        """Drop the static step when decoding ends. Its graph and the decoder refer to each other,
+        so without this their GPU memory would go back whenever the garbage collector ran: inside
+        some later, timed call."""
+        self.static = None
 
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor: ...
@@ -282,30 +289,33 @@ def decode(
     select = _token_selector(config, device)
     mask = attention_mask.to(device)
     position = position_ids_from_mask(mask)
-    logits = decoder.prefill(input_ids.to(device), mask, position)
-    position = position[:, -1:]
+    try:
+        logits = decoder.prefill(input_ids.to(device), mask, position)
+        position = position[:, -1:]
 
-    batch = input_ids.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=device)
-    tokens: list[torch.Tensor] = []
-    scores: list[torch.Tensor] | None = [] if output_scores else None
-    reasoning: list[torch.Tensor] | None = [] if output_reasoning else None
-    for step in range(max_new_tokens):
-        if scores is not None:
-            scores.append(logits)
-        if reasoning is not None:
-            reasoning.append(decoder.reasoning())
-        token = torch.where(finished, pad_token_id, select(logits))
-        tokens.append(token)
-        if on_token is not None:
-            on_token(token)
-        finished |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        position = position + 1
-        logits = decoder.step(token, mask, position)
+        batch = input_ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=device)
+        tokens: list[torch.Tensor] = []
+        scores: list[torch.Tensor] | None = [] if output_scores else None
+        reasoning: list[torch.Tensor] | None = [] if output_reasoning else None
+        for step in range(max_new_tokens):
+            if scores is not None:
+                scores.append(logits)
+            if reasoning is not None:
+                reasoning.append(decoder.reasoning())
+            token = torch.where(finished, pad_token_id, select(logits))
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            finished |= torch.isin(token, eos)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            position = position + 1
+            logits = decoder.step(token, mask, position)
+    finally:
+        decoder.release()
     return GenerationOutput(torch.stack(tokens, dim=1), scores, reasoning)
 
 

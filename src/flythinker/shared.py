@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -115,22 +115,37 @@ class RoleLoRALinear(nn.Module):
         return y
 
 
-def attach_adapter(model: PreTrainedModel, rank: int, alpha: float, rows: AdapterRows) -> list[str]:
-    """Wrap every linear layer of the decoder blocks in `RoleLoRALinear`; return their paths.
+def attach_adapter(
+    model: PreTrainedModel, rank: int, alpha: float, rows: AdapterRows, targets: Sequence[str] = ()
+) -> list[str]:
+    """Wrap linear layers of the decoder blocks in `RoleLoRALinear`; return their paths.
 
-    The embeddings and the LM head stay plain: the reasoner's output is the final hidden state,
-    and its input embedding is the generator's (no signal is added on the reasoner side).
+    ``targets``: layer names (the last path component, as peft's ``target_modules``) to adapt;
+    empty adapts every linear layer. The embeddings and the LM head stay plain: the reasoner's
+    output is the final hidden state, and its input embedding is the generator's (no signal is
+    added on the reasoner side).
     """
     blocks = model.get_decoder().layers
     prefix = _decoder_layers_path(model)
     paths: list[str] = []
+    seen: set[str] = set()
     for index, block in enumerate(blocks):
         for name, module in list(block.named_modules()):
-            if type(module) is nn.Linear:
-                parent_name, _, attr = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, attr, RoleLoRALinear(module, rank, alpha, rows))
-                paths.append(f"{prefix}.{index}.{name}")
+            if type(module) is not nn.Linear:
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            seen.add(attr)
+            if targets and attr not in targets:
+                continue
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, attr, RoleLoRALinear(module, rank, alpha, rows))
+            paths.append(f"{prefix}.{index}.{name}")
+    unknown = sorted(set(targets) - seen)
+    if unknown:
+        raise FlyThinkerError(
+            f"lora_targets {', '.join(unknown)} name no linear layer of {type(model).__name__}'s decoder blocks "
+            f"(they have: {', '.join(sorted(seen))})"
+        )
     if not paths:
         raise FlyThinkerError(f"{type(model).__name__} has no linear layers in its decoder blocks to adapt")
     return paths
@@ -163,7 +178,9 @@ class FlyThinkerShared(FlyThinker):
         self.generator = generator
         self.tokenizer = tokenizer
         self.adapter_rows = AdapterRows()
-        self.adapter_paths = attach_adapter(generator, config.lora_rank, config.lora_alpha, self.adapter_rows)
+        self.adapter_paths = attach_adapter(
+            generator, config.lora_rank, config.lora_alpha, self.adapter_rows, config.lora_targets
+        )
         width = self.generator_width
         self.projection = (
             nn.Linear(width, width, bias=False, dtype=generator.dtype, device=generator.device)
