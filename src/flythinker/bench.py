@@ -390,8 +390,9 @@ def make_contenders(g: PreTrainedModel, r: PreTrainedModel, settings: BenchSetti
             "cot", None, [g], lambda ids, mask, n, cb, graphs=graphs: cot(ids, mask, n, cb, graphs),
             thinking_floors(g, rationale, settings.prompt_tokens), steps, batched=False,
         ))
-    contenders.append(Contender("coconut", None, [g], coconut,
-                                thinking_floors(g, thought_tokens, settings.prompt_tokens), batched=False))
+    if "eager" in settings.steps:  # Coconut's latent passes have no static-cache path: eager only
+        contenders.append(Contender("coconut", None, [g], coconut,
+                                    thinking_floors(g, thought_tokens, settings.prompt_tokens), batched=False))
     return contenders
 
 

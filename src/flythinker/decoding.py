@@ -107,18 +107,19 @@ class CausalLMDecoder(StepDecoder):
         self.static: StaticStep | None = None
 
     def prefill(self, input_ids, attention_mask, position_ids):
-        logits = self._logits(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
-        if self.steps != "dynamic":
-            self.inputs = StepInputs(attention_mask, self.max_length, self.lm.dtype)
-            self.cache = cache_kwargs(self.lm, static_cache(self.lm.config, [self.prefill_cache], self.max_length))
-            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
-        return logits
+        self.prompt_mask = attention_mask
+        return self._logits(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
 
     def step(self, tokens, attention_mask, position_ids):
-        if self.static is not None:
-            self.inputs.load(tokens, position_ids)
-            return self.static()
-        return self._logits(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids)
+        if self.steps == "dynamic":
+            return self._logits(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids)
+        if self.static is None:  # set up at the first step, so that it never delays the first token
+            self.inputs = StepInputs(self.prompt_mask, self.max_length, self.lm.dtype)
+            self.cache = cache_kwargs(self.lm, static_cache(self.lm.config, [self.prefill_cache], self.max_length))
+            self.prefill_cache = None  # copied: free it
+            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
+        self.inputs.load(tokens, position_ids)
+        return self.static()
 
     def _static_step(self) -> torch.Tensor:
         inputs = self.inputs
@@ -160,24 +161,26 @@ class FlyThinkerDecoder(StepDecoder):
         ).last_hidden_state.to(self.device)
         self.h_prev = h_prompt[:, -1].clone()  # a buffer of its own: static steps rewrite it in place
         embeds = model.fused_embeddings(input_ids, attention_mask, h_prompt, self.target_norm)
-        logits = model.generator(
+        self.prompt_mask = attention_mask
+        return model.generator(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=True, logits_to_keep=1, **self.g_cache,
         ).logits[:, -1].float()
-        if self.steps != "dynamic":
-            self.inputs = StepInputs(attention_mask, self.max_length, model.generator.dtype)
-            self.r_cache = cache_kwargs(model.reasoner.base_model, static_cache(model.reasoner.config, [self.r_prefill], self.max_length))
-            self.g_cache = cache_kwargs(model.generator, static_cache(model.generator.config, [self.g_prefill], self.max_length))
-            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
-        return logits
 
     def step(self, tokens, attention_mask, position_ids):
-        if self.static is not None:
-            self.inputs.load(tokens, position_ids)
-            return self.static()
-        logits, h_next = self._both(tokens, attention_mask, position_ids)
-        self.h_prev = h_next.to(self.device, non_blocking=True)
-        return logits
+        if self.steps == "dynamic":
+            logits, h_next = self._both(tokens, attention_mask, position_ids)
+            self.h_prev = h_next.to(self.device, non_blocking=True)
+            return logits
+        if self.static is None:  # set up at the first step, so that it never delays the first token
+            model, length = self.model, self.max_length
+            self.inputs = StepInputs(self.prompt_mask, length, model.generator.dtype)
+            self.r_cache = cache_kwargs(model.reasoner.base_model, static_cache(model.reasoner.config, [self.r_prefill], length))
+            self.g_cache = cache_kwargs(model.generator, static_cache(model.generator.config, [self.g_prefill], length))
+            self.r_prefill = self.g_prefill = None  # copied: free them
+            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
+        self.inputs.load(tokens, position_ids)
+        return self.static()
 
     def _static_step(self) -> torch.Tensor:
         inputs = self.inputs

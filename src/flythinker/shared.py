@@ -111,7 +111,7 @@ class RoleLoRALinear(nn.Module):
                 low_rank.view(-1, low_rank.shape[-1]), self.lora_B.weight.t(), alpha=self.scaling
             )
         else:  # e.g. an inference-only packed layer (`flythinker.prepack`): no plain weight
-            target += self.lora_B(low_rank) * self.scaling
+            target.add_(self.lora_B(low_rank), alpha=self.scaling)
         return y
 
 
@@ -328,21 +328,21 @@ class SharedDecoder(StepDecoder):
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=True, logits_to_keep=1, **cache_kwargs(self.lm, g_cache),
         ).logits[:, -1].float()
-        if self.steps == "dynamic":
-            self.cache = stack_caches(g_cache, r_cache, config)
-        else:
-            batch = input_ids.shape[0]
-            self.cache = static_cache(config, [g_cache, r_cache], self.max_length)
-            self.inputs = StepInputs(attention_mask, self.max_length, self.lm.dtype, rows=2 * batch)
-            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
+        self.prefill_caches, self.prompt_mask = (g_cache, r_cache), attention_mask
         return logits
 
     def step(self, tokens, attention_mask, position_ids):
-        if self.static is not None:
-            self.inputs.load(tokens, position_ids)
-            return self.static()
-        logits, self.h_prev = self._both_roles(tokens, attention_mask.repeat(2, 1), position_ids)
-        return logits
+        if self.steps == "dynamic":
+            if self.cache is None:
+                self.cache, self.prefill_caches = stack_caches(*self.prefill_caches, self.lm.config), ()
+            logits, self.h_prev = self._both_roles(tokens, attention_mask.repeat(2, 1), position_ids)
+            return logits
+        if self.static is None:  # set up at the first step, so that it never delays the first token
+            self.cache, self.prefill_caches = static_cache(self.lm.config, self.prefill_caches, self.max_length), ()
+            self.inputs = StepInputs(self.prompt_mask, self.max_length, self.lm.dtype, rows=2 * tokens.shape[0])
+            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
+        self.inputs.load(tokens, position_ids)
+        return self.static()
 
     def _static_step(self) -> torch.Tensor:
         inputs = self.inputs
