@@ -341,8 +341,9 @@ def make_contenders(g: PreTrainedModel, r: PreTrainedModel, settings: BenchSetti
             if pack:
                 prepack_linears(flys[key].reasoner.get_decoder())  # its LM head is never run
                 prepack_linears(flys[key].generator)
-    if pack:
-        prepack_linears(shared.generator)
+    if pack:  # each matmul in the layout for the rows it sees at batch 1: the shared decoder's two
+        prepack_linears(shared.generator.get_decoder(), rows=2)
+        prepack_linears(shared.generator)  # the LM head, which reads the generator's row only
         prepack_linears(g)
 
     def cot(ids, mask, n, cb, graphs):
