@@ -171,3 +171,16 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tokenizer):
 def test_non_causal_lm_is_rejected(tokenizer):
     with pytest.raises(FlyThinkerError, match="causal LM"):
         FlyThinker.from_models(torch.nn.Linear(2, 2), build_tiny(), tokenizer)  # type: ignore[arg-type]
+
+
+def test_target_norm_in_blocks_equals_the_whole_table_at_once(make_model):
+    model = make_model()
+    weight = model.generator.get_input_embeddings().weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape) * torch.linspace(0.1, 3.0, weight.shape[0])[:, None])
+    whole = weight.detach().float().norm(dim=-1).mean()
+    assert torch.allclose(model.target_norm(), whole, rtol=1e-6)
+    # Blocks of 16384 rows: a table that spans several blocks gives the same mean.
+    big = torch.nn.Embedding(40000, 8)
+    model.generator.set_input_embeddings(big)
+    assert torch.allclose(model.target_norm(), big.weight.detach().norm(dim=-1).mean(), rtol=1e-6)

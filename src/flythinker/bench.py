@@ -91,10 +91,10 @@ class BenchSettings:
     batch_new_tokens: int = 6  # per batch-8 / batch-32 run
     batch_prompt_tokens: int = 16
     batches: tuple[int, ...] = (8, 32)
-    repeats: int = 3
+    repeats: int = 5
     train_batch: int = 1
     train_tokens: int = 64
-    train_repeats: int = 2
+    train_repeats: int = 3
     device: str = "cpu"
     dtype: str = "float32"
     weights: str = "plain"  # "packed": oneDNN pre-packed linears for every method (CPU)
@@ -573,7 +573,7 @@ def bench_command(
     prompt_tokens: int = 32,
     new_tokens: int = 16,
     batch_new_tokens: int = 6,
-    repeats: int = 3,
+    repeats: int = 5,
     train_batch: int = 1,
     train_tokens: int = 64,
     rationale_tokens: int = 32,
