@@ -145,3 +145,13 @@ def test_lambda_sweep_plot_appears_with_several_lambdas(tmp_path):
 def test_bad_run_configs_are_named(tmp_path, methods, message):
     with pytest.raises(FlyThinkerError, match=message):
         small_config(tmp_path, methods)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "ablations").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_parses(path, capsys):
+    base = [] if path.parent.name == "configs" else ["--config", str(REPO / "configs" / "longlamp_qwen2.5-3b.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", *base, "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "generation:" in capsys.readouterr().out

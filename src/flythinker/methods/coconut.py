@@ -34,7 +34,9 @@ cache. (Coconut's reference decoder re-runs the whole prefix for each token at b
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,6 +56,8 @@ from flythinker.methods.cot import cot_target, method_rationales, rationale_step
 from flythinker.methods.lm import LMMethod
 from flythinker.model import position_ids_from_mask
 from flythinker.train import LOG_NAME, TrainResult, save_checkpoint, train
+
+log = logging.getLogger(__name__)
 
 BEGIN_THOUGHT = "<thought>"
 END_THOUGHT = "</thought>\n"
@@ -377,6 +381,8 @@ def generate_latent(
     output_scores: bool = False,
 ) -> GenerationOutput:
     """Decode a left-padded batch with ``latents`` thoughts before the answer, through the shared loop."""
+    if config.cuda_graphs:
+        _warn_eager_once()
     decoder = LatentThoughtDecoder(lm, ThoughtMarkers.of(tokenizer), latents)
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -388,6 +394,11 @@ def generate_latent(
             context_length=None if context is None else context - decoder.extra,
             on_token=on_token, output_scores=output_scores,
         )
+
+
+@functools.cache
+def _warn_eager_once() -> None:
+    log.warning("Coconut decodes with eager steps: its latent passes have no static-cache path, so cuda_graphs is ignored")
 
 
 # --------------------------------------------------------------------------- the method
