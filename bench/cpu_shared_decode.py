@@ -10,6 +10,7 @@ Usage: python bench/cpu_shared_decode.py [threads=2] [repeats=15]
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ NEVER = {"eos_token_id": -1, "pad_token_id": 0}
 def per_token(run) -> float:
     stamps: list[float] = []
     run(lambda _: stamps.append(time.perf_counter()))
-    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    return statistics.median(b - a for a, b in itertools.pairwise(stamps))
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ def main() -> None:
     inputs = {rows: [torch.randn(rows, w.shape[1]) for w in weights] for rows in (1, 2)}
     for layout in (1, 2, 4):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, layout) for w in weights]
-        ms = {rows: timed(lambda rows=rows: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-                                             for x, p in zip(inputs[rows], packed)]) for rows in (1, 2)}
+        ms = {rows: timed(lambda rows=rows, packed=packed: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+                                                            for x, p in zip(inputs[rows], packed)]) for rows in (1, 2)}
         print(f"threads {threads}, layout for {layout} row(s): 1 row {ms[1]:.1f} ms, 2 rows {ms[2]:.1f} ms "
               f"({ms[2] / ms[1]:.3f}x)")
     plain = {rows: timed(lambda rows=rows: [F.linear(x, w) for x, w in zip(inputs[rows], weights)]) for rows in (1, 2)}

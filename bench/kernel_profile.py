@@ -26,6 +26,7 @@ from flythinker.shared import FlyThinkerShared
 
 STEPS = 16
 PROMPT = 128
+NEVER = {"eos_token_id": -1, "pad_token_id": 0}  # no EOS: every call decodes all its tokens
 
 
 def gpu_work(run, new_tokens: int) -> tuple[int, float, float]:
@@ -46,33 +47,33 @@ def main() -> None:
     r_shape = sys.argv[3] if len(sys.argv) > 3 else "qwen2.5-1.5b"
     device, dtype = torch.device("cuda"), torch.bfloat16
     g = build_lm(shape, dtype, device)
-    r = build_lm(r_shape, dtype, device, seed=1)
-    fly = FlyThinker.from_models(r, g).eval()
     ids = torch.randint(3, g.config.vocab_size, (1, PROMPT), device=device)
-    never = {"eos_token_id": -1, "pad_token_id": 0}
-    runs = {
-        "sft": lambda n, graphs: generate_plain(g, ids, max_new_tokens=n, cuda_graphs=graphs, **never),
-        "flythinker": lambda n, graphs: fly.generate(ids, max_new_tokens=n, cuda_graphs=graphs, **never),
-    }
-    rows = []
-    for graphs in (False, True):
-        for method, run in runs.items():
-            rows.append(profile_method(method, lambda n, run=run, graphs=graphs: run(n, graphs), graphs))
-    del fly, r
+    rows = profile_separate(g, build_lm(r_shape, dtype, device, seed=1), ids)
     shared = FlyThinkerShared.from_model(g).eval()  # wraps g's linears in place: after the others
     for graphs in (False, True):
         rows.append(profile_method(
             "flythinker-shared",
-            lambda n, graphs=graphs: shared.generate(ids, max_new_tokens=n, cuda_graphs=graphs, **never), graphs))
+            lambda n, graphs=graphs: shared.generate(ids, max_new_tokens=n, cuda_graphs=graphs, **NEVER), graphs))
     with open(out, "w") as f:
         json.dump({"shape": shape, "reasoner_shape": r_shape, "prompt_tokens": PROMPT, "steps": STEPS,
                    "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
 
 
+def profile_separate(g, r, ids) -> list[dict]:
+    """SFT on ``g`` and FlyThinker on ``r`` + ``g``, eager then with graphs."""
+    fly = FlyThinker.from_models(r, g).eval()
+    runs = {
+        "sft": lambda n, graphs: generate_plain(g, ids, max_new_tokens=n, cuda_graphs=graphs, **NEVER),
+        "flythinker": lambda n, graphs: fly.generate(ids, max_new_tokens=n, cuda_graphs=graphs, **NEVER),
+    }
+    return [profile_method(method, lambda n, run=run, graphs=graphs: run(n, graphs), graphs)
+            for graphs in (False, True) for method, run in runs.items()]
+
+
 def profile_method(method: str, run, graphs: bool) -> dict:
     try:
         return _profile(method, run, graphs)
-    except Exception as exc:  # one method's failure must not lose the others' rows
+    except Exception as exc:  # noqa: BLE001 - one method's failure must not lose the others' rows
         row = {"method": method, "steps": "graphs" if graphs else "eager", "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(row), flush=True)
         return row

@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from conftest import PROMPTS
 
 from flythinker.config import GenerationConfig, TrainConfig
 from flythinker.data.collate import Encoded, Example, collate
@@ -33,8 +34,6 @@ from flythinker.methods.coconut import (
 from flythinker.methods.cot import ANSWER_MARKER, RATIONALE_FILE, rationale_key, rationale_prompt
 from flythinker.sources import build_tiny
 from flythinker.train import train
-
-from conftest import PROMPTS
 
 LATENTS = 2
 NEW_TOKENS = 8
@@ -233,7 +232,7 @@ def test_stage_s_replaces_the_first_s_rationale_steps_by_latent_slots(tokenizer,
 # --------------------------------------------------------------------------- training
 
 
-WORDS = "apple river stone cloud light music paper garden window silver".split()
+WORDS = ["apple", "river", "stone", "cloud", "light", "music", "paper", "garden", "window", "silver"]
 
 
 def copy_items(tokenizer, markers, n: int, latents: int) -> list[Encoded]:

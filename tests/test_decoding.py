@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PROMPTS, parallel_logits_at_decoded_positions
 
 from flythinker.config import GenerationConfig
 from flythinker.decoding import generate, generate_plain
 from flythinker.errors import FlyThinkerError
-
-from conftest import PROMPTS, parallel_logits_at_decoded_positions
 
 NEW_TOKENS = 12
 
@@ -98,7 +97,7 @@ def test_each_row_stops_at_its_own_eos(make_model, prompt_batch):
 def test_sampling_is_seeded_and_top_k_one_is_greedy(make_model, prompt_batch):
     model = make_model()
     args = (prompt_batch.input_ids, prompt_batch.attention_mask)
-    sample = lambda seed, **kw: model.generate(*args, max_new_tokens=NEW_TOKENS, do_sample=True,  # noqa: E731
+    sample = lambda seed, **kw: model.generate(*args, max_new_tokens=NEW_TOKENS, do_sample=True,
                                                seed=seed, eos_token_id=-1, temperature=2.0, **kw).sequences
     assert torch.equal(sample(1), sample(1))
     assert not torch.equal(sample(1), sample(2))
@@ -141,8 +140,8 @@ def test_empty_prompt_is_a_clear_error(make_model):
         generate(model, torch.zeros((1, 0), dtype=torch.long), max_new_tokens=2)
 
 
-@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=0.0), dict(top_p=1.5),
-                                 dict(overlap="threads")])
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 1.5},
+                                 {"overlap": "threads"}])
 def test_bad_generation_settings_are_named(bad):
     with pytest.raises(FlyThinkerError, match=next(iter(bad))):
         GenerationConfig(**bad)

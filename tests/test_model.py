@@ -159,7 +159,7 @@ def test_tokenizers_with_different_vocabularies_are_rejected(tokenizer):
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error(tokenizer):
-    short = dict(max_position_embeddings=16)
+    short = {"max_position_embeddings": 16}
     model = FlyThinker.from_models(build_tiny(**short), build_tiny(**short), tokenizer)
     ids = torch.randint(3, 500, (1, 17))
     with pytest.raises(FlyThinkerError, match="exceeds the models' context of 16"):

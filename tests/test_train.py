@@ -14,7 +14,7 @@ from flythinker.data.collate import Example, collate, encode
 from flythinker.model import FlyThinker
 from flythinker.train import train
 
-WORDS = "apple river stone cloud light music paper garden window silver".split()
+WORDS = ["apple", "river", "stone", "cloud", "light", "music", "paper", "garden", "window", "silver"]
 
 
 def copy_examples(n: int, seed: int = 0) -> list[Example]:

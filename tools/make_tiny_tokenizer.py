@@ -1,6 +1,7 @@
 """One-off script that built src/flythinker/assets/tiny_tokenizer (kept in tools/ for provenance)."""
 from pathlib import Path
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 corpus = [Path("/work/shared/DESIGN.md").read_text(), Path("/work/shared/data/README.md").read_text()]

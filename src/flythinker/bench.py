@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 
 # Architecture of the Qwen2.5 models (their published config.json), for random-weight runs that
 # need no download. All three tie the LM head to the input embeddings.
-_QWEN25 = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-               tie_word_embeddings=True, hidden_act="silu", num_key_value_heads=2)
+_QWEN25 = {"vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+           "tie_word_embeddings": True, "hidden_act": "silu", "num_key_value_heads": 2}
 SHAPES: dict[str, dict[str, object]] = {
     "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
     "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),

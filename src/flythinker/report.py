@@ -13,7 +13,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 QUALITY = ("rouge1", "rougeL", "meteor", "bleu")
 EFFICIENCY = ("train_s_per_sample", "decode_ms_per_token", "ttft_ms")

@@ -88,7 +88,7 @@ class RoleLoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, rows: AdapterRows) -> None:
         super().__init__()
         self.base_layer = base_layer
-        kwargs = dict(bias=False, dtype=base_layer.weight.dtype, device=base_layer.weight.device)
+        kwargs = {"bias": False, "dtype": base_layer.weight.dtype, "device": base_layer.weight.device}
         self.lora_A = nn.Linear(base_layer.in_features, rank, **kwargs)
         self.lora_B = nn.Linear(rank, base_layer.out_features, **kwargs)
         nn.init.zeros_(self.lora_B.weight)

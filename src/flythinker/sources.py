@@ -41,19 +41,19 @@ def tiny_tokenizer_path() -> Path:
 
 def tiny_config(hidden_size: int = 64, num_layers: int = 2, **overrides: object) -> Qwen2Config:
     """A Qwen2 config small enough to train in seconds on a CPU, over the shipped tokenizer."""
-    values: dict[str, object] = dict(
-        vocab_size=512,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    values: dict[str, object] = {
+        "vocab_size": 512,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
     values.update(overrides)
     return Qwen2Config(**values)
 
