@@ -67,11 +67,18 @@ class StepDecoder(ABC):
     ``prefill`` reads the left-padded prompts and ``step`` one new token per row; both return the
     (batch, vocab) next-token logits. Implementations keep their own caches. `decode` calls
     ``reserve`` first with the longest sequence it may produce, which static caches are sized to.
+
+    ``steps`` chooses how `step` runs `forward_step`: on the caches the prefill grew ("dynamic"),
+    or on static caches and fixed buffers made by `static_inputs` at the first step, eagerly
+    ("static") or replayed from a CUDA graph ("graph"). A decoder without static steps overrides
+    `step` itself.
     """
 
     device: torch.device  # where logits come out and tokens are chosen
+    steps: str = "dynamic"
     max_length: int | None = None
     static: StaticStep | None = None  # the step on static buffers, when the decoder uses one
+    inputs: StepInputs | None = None  # its fixed input buffers
 
     def reserve(self, max_length: int) -> None:
         self.max_length = max_length
@@ -85,8 +92,27 @@ class StepDecoder(ABC):
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor: ...
 
-    @abstractmethod
-    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor: ...
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.steps == "dynamic":
+            return self.forward_step(tokens, attention_mask, position_ids)
+        if self.static is None:  # set up at the first step, so that it never delays the first token
+            self.inputs = self.static_inputs(tokens.shape[0])
+            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
+        self.inputs.load(tokens, position_ids)
+        return self.static()
+
+    def _static_step(self) -> torch.Tensor:
+        inputs = self.inputs
+        return self.forward_step(inputs.tokens, inputs.mask.advance(), inputs.position)
+
+    def forward_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One token per row through the current caches; ``attention_mask`` is the growing 2-D
+        padding mask (dynamic steps) or `SlotMask`'s 4-D one (static steps)."""
+        raise NotImplementedError(f"{type(self).__name__} overrides step() instead")
+
+    def static_inputs(self, batch: int) -> StepInputs:
+        """Move the prefill's caches into static ones; return the fixed buffers steps read."""
+        raise NotImplementedError(f"{type(self).__name__} has no static-cache steps")
 
     def reasoning(self) -> torch.Tensor | None:
         """The reasoning vector fused into the step that produced the current logits, if any."""
@@ -104,26 +130,18 @@ class CausalLMDecoder(StepDecoder):
         self.lm, self.device, self.steps = lm, lm.device, steps
         self.prefill_cache = DynamicCache(config=lm.config)
         self.cache = cache_kwargs(lm, self.prefill_cache)
-        self.static: StaticStep | None = None
 
     def prefill(self, input_ids, attention_mask, position_ids):
         self.prompt_mask = attention_mask
         return self._logits(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
 
-    def step(self, tokens, attention_mask, position_ids):
-        if self.steps == "dynamic":
-            return self._logits(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids)
-        if self.static is None:  # set up at the first step, so that it never delays the first token
-            self.inputs = StepInputs(self.prompt_mask, self.max_length, self.lm.dtype)
-            self.cache = cache_kwargs(self.lm, static_cache(self.lm.config, [self.prefill_cache], self.max_length))
-            self.prefill_cache = None  # copied: free it
-            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
-        self.inputs.load(tokens, position_ids)
-        return self.static()
+    def forward_step(self, tokens, attention_mask, position_ids):
+        return self._logits(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids)
 
-    def _static_step(self) -> torch.Tensor:
-        inputs = self.inputs
-        return self._logits(input_ids=inputs.tokens[:, None], attention_mask=inputs.mask.advance(), position_ids=inputs.position)
+    def static_inputs(self, batch):
+        self.cache = cache_kwargs(self.lm, static_cache(self.lm.config, [self.prefill_cache], self.max_length))
+        self.prefill_cache = None  # copied: free it
+        return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype)
 
     def _logits(self, **inputs) -> torch.Tensor:
         return self.lm(**inputs, use_cache=True, **self.cache).logits[:, -1].float()
@@ -151,7 +169,6 @@ class FlyThinkerDecoder(StepDecoder):
         self.r_cache = cache_kwargs(model.reasoner.base_model, self.r_prefill)
         self.g_cache = cache_kwargs(model.generator, self.g_prefill)
         self.h_prev: torch.Tensor | None = None
-        self.static: StaticStep | None = None
 
     def prefill(self, input_ids, attention_mask, position_ids):
         model, r_dev = self.model, self.r_dev
@@ -159,7 +176,7 @@ class FlyThinkerDecoder(StepDecoder):
         h_prompt = model.reason(
             input_ids.to(r_dev), attention_mask.to(r_dev), position_ids.to(r_dev), use_cache=True, **self.r_cache
         ).last_hidden_state.to(self.device)
-        self.h_prev = h_prompt[:, -1].clone()  # a buffer of its own: static steps rewrite it in place
+        self.h_prev = h_prompt[:, -1].clone()  # a buffer of its own: steps rewrite it in place
         embeds = model.fused_embeddings(input_ids, attention_mask, h_prompt, self.target_norm)
         self.prompt_mask = attention_mask
         return model.generator(
@@ -167,26 +184,17 @@ class FlyThinkerDecoder(StepDecoder):
             use_cache=True, logits_to_keep=1, **self.g_cache,
         ).logits[:, -1].float()
 
-    def step(self, tokens, attention_mask, position_ids):
-        if self.steps == "dynamic":
-            logits, h_next = self._both(tokens, attention_mask, position_ids)
-            self.h_prev = h_next.to(self.device, non_blocking=True)
-            return logits
-        if self.static is None:  # set up at the first step, so that it never delays the first token
-            model, length = self.model, self.max_length
-            self.inputs = StepInputs(self.prompt_mask, length, model.generator.dtype)
-            self.r_cache = cache_kwargs(model.reasoner.base_model, static_cache(model.reasoner.config, [self.r_prefill], length))
-            self.g_cache = cache_kwargs(model.generator, static_cache(model.generator.config, [self.g_prefill], length))
-            self.r_prefill = self.g_prefill = None  # copied: free them
-            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
-        self.inputs.load(tokens, position_ids)
-        return self.static()
-
-    def _static_step(self) -> torch.Tensor:
-        inputs = self.inputs
-        logits, h_next = self._both(inputs.tokens, inputs.mask.advance(), inputs.position)
-        self.h_prev.copy_(h_next)  # after the join: the generator has read the old value
+    def forward_step(self, tokens, attention_mask, position_ids):
+        logits, h_next = self._both(tokens, attention_mask, position_ids)
+        self.h_prev.copy_(h_next, non_blocking=True)  # after the join: the generator has read the old value
         return logits
+
+    def static_inputs(self, batch):
+        model, length = self.model, self.max_length
+        self.r_cache = cache_kwargs(model.reasoner.base_model, static_cache(model.reasoner.config, [self.r_prefill], length))
+        self.g_cache = cache_kwargs(model.generator, static_cache(model.generator.config, [self.g_prefill], length))
+        self.r_prefill = self.g_prefill = None  # copied: free them
+        return StepInputs(self.prompt_mask, length, model.generator.dtype)
 
     def _both(self, tokens, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of each model; both read only the new token and h_prev, neither waits on the other."""

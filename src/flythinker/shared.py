@@ -43,7 +43,7 @@ from transformers import (
 from flythinker.config import FlyThinkerConfig
 from flythinker.decoding import StepDecoder, cache_kwargs
 from flythinker.errors import FlyThinkerError
-from flythinker.graphs import StaticStep, StepInputs, check_step_mode, static_cache
+from flythinker.graphs import StepInputs, check_step_mode, static_cache
 from flythinker.model import (
     CONFIG_NAME,
     PROJECTION_NAME,
@@ -314,7 +314,6 @@ class SharedDecoder(StepDecoder):
         self.target_norm = model.target_norm() if model.config.rescale else None
         self.cache: Cache | None = None
         self.h_prev: torch.Tensor | None = None
-        self.static: StaticStep | None = None
 
     def prefill(self, input_ids, attention_mask, position_ids):
         model, config = self.model, self.lm.config
@@ -322,33 +321,28 @@ class SharedDecoder(StepDecoder):
         h_prompt = model.reason(
             input_ids, attention_mask, position_ids, use_cache=True, **cache_kwargs(self.lm.get_decoder(), r_cache)
         ).last_hidden_state
-        self.h_prev = h_prompt[:, -1].clone()  # a buffer of its own: static steps rewrite it in place
+        self.h_prev = h_prompt[:, -1].clone()  # a buffer of its own: steps rewrite it in place
         embeds = model.fused_embeddings(input_ids, attention_mask, h_prompt, self.target_norm)
         logits = self.lm(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=True, logits_to_keep=1, **cache_kwargs(self.lm, g_cache),
         ).logits[:, -1].float()
-        self.prefill_caches, self.prompt_mask = (g_cache, r_cache), attention_mask
+        if self.steps == "dynamic":
+            self.cache = stack_caches(g_cache, r_cache, config)
+        else:  # copied into static caches at the first step, so that never delays the first token
+            self.prefill_caches, self.prompt_mask = (g_cache, r_cache), attention_mask
         return logits
 
-    def step(self, tokens, attention_mask, position_ids):
-        if self.steps == "dynamic":
-            if self.cache is None:
-                self.cache, self.prefill_caches = stack_caches(*self.prefill_caches, self.lm.config), ()
-            logits, self.h_prev = self._both_roles(tokens, attention_mask.repeat(2, 1), position_ids)
-            return logits
-        if self.static is None:  # set up at the first step, so that it never delays the first token
-            self.cache, self.prefill_caches = static_cache(self.lm.config, self.prefill_caches, self.max_length), ()
-            self.inputs = StepInputs(self.prompt_mask, self.max_length, self.lm.dtype, rows=2 * tokens.shape[0])
-            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
-        self.inputs.load(tokens, position_ids)
-        return self.static()
-
-    def _static_step(self) -> torch.Tensor:
-        inputs = self.inputs
-        logits, h_next = self._both_roles(inputs.tokens, inputs.mask.advance(), inputs.position)
+    def forward_step(self, tokens, attention_mask, position_ids):
+        if attention_mask.ndim == 2:  # the loop's padding mask covers the B prompts; a static
+            attention_mask = attention_mask.repeat(2, 1)  # step's 4-D mask already has 2B rows
+        logits, h_next = self._both_roles(tokens, attention_mask, position_ids)
         self.h_prev.copy_(h_next)
         return logits
+
+    def static_inputs(self, batch):
+        self.cache, self.prefill_caches = static_cache(self.lm.config, self.prefill_caches, self.max_length), ()
+        return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype, rows=2 * batch)
 
     def _both_roles(self, tokens, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """One 2B-row forward; ``attention_mask`` already covers all 2B rows."""
