@@ -5,11 +5,16 @@ Everything here is offline and deterministic: the same seed always builds the sa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from flythinker.model import FlyThinker
 from flythinker.sources import build_tiny, load_tokenizer
+
+# Small LongLaMP files in the hub's schema, one per task.
+LONGLAMP_FIXTURES = Path(__file__).parent / "fixtures" / "longlamp"
 
 PROMPTS = [
     "Write a review of the blue kettle.",

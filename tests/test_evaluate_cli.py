@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import LONGLAMP_FIXTURES as FIXTURES
 
 from flythinker.cli import main
 from flythinker.data.longlamp import load_longlamp
 from flythinker.errors import FlyThinkerError
 from flythinker.evaluate import evaluate_command, read_predictions
 
-FIXTURES = Path(__file__).parent / "fixtures" / "longlamp"
 REVIEWS = FIXTURES / "product_review.json"
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import LONGLAMP_FIXTURES as FIXTURES
 
 from flythinker.data.longlamp import (
     AbstractItem,
@@ -18,7 +19,6 @@ from flythinker.data.longlamp import (
 )
 from flythinker.errors import FlyThinkerError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "longlamp"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

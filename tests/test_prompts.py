@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import LONGLAMP_FIXTURES as FIXTURES
 
 from flythinker.data.collate import Example
 from flythinker.data.longlamp import load_longlamp
@@ -22,13 +21,6 @@ from flythinker.data.prompts import (
 from flythinker.data.retrieval import BM25Retriever, RecencyRetriever
 from flythinker.errors import FlyThinkerError
 from flythinker.sources import load_tokenizer
-
-FIXTURES = Path(__file__).parent / "fixtures" / "longlamp"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
 
 
 @pytest.fixture(scope="module")

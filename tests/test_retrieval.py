@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import LONGLAMP_FIXTURES as FIXTURES
 
 from flythinker.data.longlamp import load_longlamp
 from flythinker.data.retrieval import (
@@ -19,8 +19,6 @@ from flythinker.data.retrieval import (
     retrieve,
 )
 from flythinker.errors import FlyThinkerError
-
-FIXTURES = Path(__file__).parent / "fixtures" / "longlamp"
 
 
 @pytest.fixture(scope="module")
