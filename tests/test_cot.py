@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flythinker.config import GenerationConfig, TrainConfig
-from flythinker.data.collate import encode
+from flythinker.data.collate import Encoded, collate, encode
 from flythinker.data.longlamp import AbstractItem, LongLaMPRecord
 from flythinker.data.prompts import PromptBudgets, records_to_examples
 from flythinker.decoding import GenerationOutput
@@ -165,11 +165,70 @@ def test_time_to_first_token_is_taken_at_the_first_answer_token(tmp_path, tokeni
     assert row.ttft_s == len(prefix) + 1
 
 
-def test_decoding_leaves_room_for_the_rationale(tmp_path, tokenizer):
+class ScriptedPhases:
+    """Stands in for the plain decode: phase 1 replies with ``rationales``, phase 2 with ``answer``."""
+
+    def __init__(self, tokenizer, rationales: list[list[int]], answer: list[int]):
+        self.tokenizer, self.rationales, self.answer = tokenizer, rationales, answer
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    def __call__(self, input_ids, attention_mask, generation, on_token):  # set on the class: no self binding
+        self.calls.append((input_ids, attention_mask, generation.max_new_tokens))
+        # Calls alternate (predict's warm-up decode runs both phases too).
+        rows = self.rationales if len(self.calls) % 2 else [self.answer] * len(input_ids)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.eos_token_id
+        sequences = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        for token in sequences.T:
+            on_token(token)
+        return GenerationOutput(sequences)
+
+
+def test_the_marker_is_forced_when_the_rationale_budget_runs_out(tmp_path, tokenizer, monkeypatch):
+    """A model that rambles past its rationale budget still gets an answer of its own, after the marker;
+    one that wrote the marker keeps its rationale and gets no second marker; one that ended without
+    any marker chose to skip its analysis, and its text is its answer."""
+    budget = 48
+    method = make_cot(tmp_path, rationale_tokens=budget)
+    encode_text = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    eos = tokenizer.eos_token_id
+    rambling = encode_text("Formal tone and many many words that never end. " * 10)[:budget]
+    wrote_marker = encode_text(f"Short.{ANSWER_MARKER}Some early answer")
+    skipped = encode_text("Just the answer.") + [eos]
+    answer = encode_text("We propose arrays.") + [eos]
+    # Phase 1 stops at the budget: the rambling row uses it all, the others end or stop earlier.
+    assert len(rambling) == budget and len(wrote_marker) < budget and len(skipped) < budget
+    script = ScriptedPhases(tokenizer, [rambling, wrote_marker, skipped], answer)
+    monkeypatch.setattr(cot.LMMethod, "decode", script)
+    prompts = [encode_text(f"Prompt {i}") for i in range(3)]
+    batch = collate([Encoded(p, [-100] * len(p)) for p in prompts], eos)
+    out = method.decode(batch["input_ids"], batch["attention_mask"], GenerationConfig(max_new_tokens=20),
+                        lambda _: None)
+
+    assert [max_new for *_, max_new in script.calls] == [budget, 20]
+    phase2_inputs, phase2_mask, _ = script.calls[1]
+    assert len(phase2_inputs) == 2  # the row that skipped its analysis is done after phase 1
+    marker = encode_text(ANSWER_MARKER)
+    for row in range(2):
+        assert phase2_inputs[row][phase2_mask[row].bool()].tolist()[-len(marker):] == marker
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.sequences.tolist()]
+    assert [split_answer(t)[0].strip() for t in texts] == ["We propose arrays."] * 2 + ["Just the answer."]
+    assert texts[1].count(ANSWER_MARKER.strip()) == 1 and texts[1].startswith("Short.")
+    assert out.answer_steps == [budget, budget, 0]
+
+
+def test_time_to_first_token_includes_the_whole_rationale_phase(tmp_path, tokenizer, monkeypatch):
     method = make_cot(tmp_path)
-    marker = len(tokenizer(ANSWER_MARKER, add_special_tokens=False).input_ids)
-    budget = method.with_rationale_budget(GenerationConfig(max_new_tokens=100)).max_new_tokens
-    assert budget == 100 + RATIONALE_TOKENS + marker
+    rationale = tokenizer("Formal tone and many many words that never end", add_special_tokens=False).input_ids
+    answer = tokenizer("We propose arrays.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    monkeypatch.setattr(cot.LMMethod, "decode", ScriptedPhases(tokenizer, [rationale[:RATIONALE_TOKENS]], answer))
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(base, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    [[row]] = list(method.predict(make_records(1), GenerationConfig(max_new_tokens=64), batch_size=1))
+    assert row.prediction == "We propose arrays."
+    assert row.new_tokens == len(answer) - 1
+    # start is tick 0; the rationale phase stamps ticks 1..R, the first answer token tick R + 1.
+    assert row.ttft_s == RATIONALE_TOKENS + 1
 
 
 def test_cot_trains_and_predicts_end_to_end(tmp_path):

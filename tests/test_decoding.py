@@ -171,7 +171,7 @@ def test_overlap_modes_give_the_same_greedy_tokens(make_model, prompt_batch, ove
         model.reasoner.cuda()
         if torch.cuda.device_count() > 1:
             model.generator.to("cuda:1")
-            model.projection = None if model.projection is None else model.projection.to("cuda:1")
+            model.fusion.to("cuda:1")
     out = model.generate(*[a.to(model.generator.device) for a in args], max_new_tokens=NEW_TOKENS,
                          eos_token_id=-1, overlap=overlap).sequences
     assert torch.equal(out.cpu(), reference)

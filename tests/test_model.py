@@ -81,7 +81,7 @@ def test_save_load_round_trip(make_model, prompt_batch, tmp_path, fusion):
     path = model.save_pretrained(tmp_path / "ckpt")
     names = {p.name for p in path.iterdir()}
     assert {"reasoner", "generator", "flythinker_config.json", "tokenizer.json"} <= names
-    assert ("projection.safetensors" in names) == (fusion == "linear")
+    assert ("fusion.safetensors" in names) == (fusion == "linear")
     assert json.loads((path / "flythinker_config.json").read_text())["fusion"] == fusion
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary dirs left behind"
 
@@ -131,7 +131,7 @@ def test_different_widths(make_model, prompt_batch, fusion, d_r, d_g):
     out.loss.backward()
     assert model.reasoner.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     if fusion == "linear":
-        assert model.projection.weight.grad.abs().sum() > 0
+        assert model.fusion.projection.weight.grad.abs().sum() > 0
 
 
 def test_pad_fusion_rejects_a_wider_reasoner(make_model):

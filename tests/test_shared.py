@@ -104,7 +104,7 @@ def test_left_padded_batch_equals_each_prompt_alone(make_shared, tokenizer, prom
 def test_checkpoint_holds_the_base_once_plus_a_peft_adapter(make_shared, prompt_batch, tmp_path):
     model = make_shared(fusion="linear")
     path = model.save_pretrained(tmp_path / "ckpt")
-    assert {"generator", ADAPTER_DIR, "flythinker_config.json", "projection.safetensors"} <= {p.name for p in path.iterdir()}
+    assert {"generator", ADAPTER_DIR, "flythinker_config.json", "fusion.safetensors"} <= {p.name for p in path.iterdir()}
     assert not (path / "reasoner").exists()
     assert json.loads((path / "flythinker_config.json").read_text())["reasoner"] == "shared"
 

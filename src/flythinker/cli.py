@@ -19,6 +19,7 @@ def _commands() -> dict[str, Callable]:
     # Imported here so `flythinker --help` does not pay for torch until a command runs.
     from flythinker.bench import bench_command
     from flythinker.demo import demo_command
+    from flythinker.diagnose import diagnose_command
     from flythinker.evaluate import evaluate_command
     from flythinker.run import run_command
     from flythinker.train import train_command
@@ -30,6 +31,7 @@ def _commands() -> dict[str, Callable]:
         "evaluate": evaluate_command,
         "run": run_command,
         "demo": demo_command,
+        "diagnose": diagnose_command,
         "write": write_command,
     }
 

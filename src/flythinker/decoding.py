@@ -34,6 +34,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -59,6 +61,9 @@ class GenerationOutput:
     # Per step, (batch, d_R): the reasoning vector fused into the step that chose that token
     # (output_reasoning=True), for the reasoning lens.
     reasoning: list[torch.Tensor] | None = None
+    # Per row, the decode step whose token is the answer's first, for decoders that write
+    # something else first (CoT's rationale); None: the answer starts at the first step.
+    answer_steps: list[int] | None = None
 
 
 class StepDecoder(ABC):
@@ -315,7 +320,8 @@ def decode(
                 scores.append(logits)
             if reasoning is not None:
                 reasoning.append(decoder.reasoning())
-            token = torch.where(finished, pad_token_id, select(logits))
+            history = torch.stack(tokens, dim=1) if tokens else None
+            token = torch.where(finished, pad_token_id, select(logits, history))
             tokens.append(token)
             if on_token is not None:
                 on_token(token)
@@ -399,7 +405,25 @@ def _fit_context(limit: int | None, prompt_len: int, max_new_tokens: int) -> int
     return max_new_tokens
 
 
-def _token_selector(config: GenerationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def _token_selector(
+    config: GenerationConfig, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """``select(logits, generated)``: the next token of each row; ``generated`` holds the tokens
+    chosen so far (None at the first step), which the repetition controls look at. They look at
+    the generated text only, never the prompt: a profile's words are what personalised text should
+    reuse."""
+    penalties = LogitsProcessorList()
+    if config.repetition_penalty != 1.0:
+        penalties.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size > 0:
+        penalties.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    choose = _chooser(config, device)
+    if not penalties:
+        return lambda logits, generated: choose(logits)
+    return lambda logits, generated: choose(logits if generated is None else penalties(generated, logits.clone()))
+
+
+def _chooser(config: GenerationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     if not config.do_sample:
         return lambda logits: logits.argmax(dim=-1)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature)])

@@ -245,14 +245,16 @@ def compute_metrics(predictions: Sequence[str], references: Sequence[str]) -> di
 
     Empty predictions are scored (0 for ROUGE and METEOR), never dropped.
     """
+    scores = per_sample_scores(predictions, references)
+    return {**{name: _mean(values) for name, values in scores.items()}, "bleu": corpus_bleu(predictions, references)}
+
+
+def per_sample_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """ROUGE-1, ROUGE-L and METEOR of each pair: the means of `compute_metrics`, and what paired
+    comparisons between methods resample (BLEU is a corpus statistic and has no per-pair value)."""
     _check_pairs(predictions, references)
     rouge = rouge_per_sample(predictions, references)
-    return {
-        "rouge1": _mean(rouge["rouge1"]),
-        "rougeL": _mean(rouge["rougeL"]),
-        "meteor": _mean(meteor_per_sample(predictions, references)),
-        "bleu": corpus_bleu(predictions, references),
-    }
+    return {"rouge1": rouge["rouge1"], "rougeL": rouge["rougeL"], "meteor": meteor_per_sample(predictions, references)}
 
 
 # --------------------------------------------------------------------------- position spans
@@ -436,11 +438,17 @@ def _pair_with_references(
 def evaluate_texts(
     predictions: Sequence[str], references: Sequence[str], span_tokens: int = 100
 ) -> dict[str, Any]:
-    """Whole-text metrics, per-span metrics, counts and settings: the body of ``metrics.json``."""
+    """Whole-text metrics, per-span metrics, counts and settings: the body of ``metrics.json``.
+
+    ``per_sample`` holds each pair's ROUGE-1, ROUGE-L and METEOR, in the order given.
+    """
+    scores = per_sample_scores(predictions, references)
     return {
         "n_samples": len(predictions),
         "n_empty_predictions": sum(not p.strip() for p in predictions),
-        "metrics": compute_metrics(predictions, references),
+        "metrics": {**{name: _mean(values) for name, values in scores.items()},
+                    "bleu": corpus_bleu(predictions, references)},
+        "per_sample": scores,
         "span_tokens": span_tokens,
         "spans": span_metrics(predictions, references, span_tokens),
         "settings": metric_settings(),

@@ -30,10 +30,15 @@ from transformers import (
 
 from flythinker.config import FlyThinkerConfig
 from flythinker.errors import FlyThinkerError
+from flythinker.fusion import (
+    FUSION_WEIGHTS,
+    LEGACY_PROJECTION_WEIGHTS,
+    Fusion,
+    embedding_row_norm_mean,
+)
 from flythinker.io import atomic_directory
 
 CONFIG_NAME = "flythinker_config.json"
-PROJECTION_NAME = "projection.safetensors"
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -68,16 +73,8 @@ class FlyThinker(nn.Module):
         self.reasoner = reasoner
         self.generator = generator
         self.tokenizer = tokenizer
-        d_r, d_g = self.reasoner_width, self.generator_width
-        if config.fusion == "pad" and d_r > d_g:
-            raise FlyThinkerError(
-                f"fusion='pad' adds the reasoner's {d_r}-dim vector into the generator's {d_g}-dim "
-                "embedding and needs d_R <= d_G; use fusion='linear' for a wider reasoner"
-            )
-        self.projection = (
-            nn.Linear(d_r, d_g, bias=False, dtype=generator.dtype, device=generator.device)
-            if config.fusion == "linear"
-            else None
+        self.fusion = Fusion(
+            config, self.reasoner_width, self.generator_width, generator.dtype, generator.device
         )
 
     # ------------------------------------------------------------------ construction
@@ -139,10 +136,7 @@ class FlyThinker(nn.Module):
             AutoTokenizer.from_pretrained(root) if (root / "tokenizer_config.json").is_file() else None
         )
         model = cls(reasoner, generator, config, tokenizer)
-        if model.projection is not None:
-            if not (root / PROJECTION_NAME).is_file():
-                raise FlyThinkerError(f"{root}: fusion='linear' but {PROJECTION_NAME} is missing")
-            model.projection.load_state_dict(load_file(root / PROJECTION_NAME))
+        load_fusion(model.fusion, root)
         return model
 
     def save_pretrained(
@@ -151,7 +145,8 @@ class FlyThinker(nn.Module):
         """Write an inspectable checkpoint directory, atomically.
 
         Layout: ``reasoner/`` and ``generator/`` (Hugging Face model dirs), the tokenizer files,
-        ``flythinker_config.json`` and, for linear fusion, ``projection.safetensors``. Files are
+        ``flythinker_config.json`` and, when the fusion learns parameters (a linear projection, a
+        gate), ``fusion.safetensors``. Files are
         written into a temporary sibling directory that is renamed into place at the end, so an
         interrupted save never leaves a half checkpoint under ``path``. ``state_dict`` holds the
         full weights (keys as in ``self.state_dict()``) when this module's own parameters are
@@ -161,16 +156,7 @@ class FlyThinker(nn.Module):
             self._save_models(tmp, state_dict)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            if self.projection is not None:
-                weights = (
-                    self.projection.state_dict()
-                    if state_dict is None
-                    else _with_prefix(state_dict, "projection.")
-                )
-                save_file(
-                    {k: v.detach().contiguous().cpu() for k, v in weights.items()},
-                    tmp / PROJECTION_NAME,
-                )
+            save_fusion(self.fusion, tmp, None if state_dict is None else _with_prefix(state_dict, "fusion."))
             self.config.to_json_file(tmp / CONFIG_NAME)
         return Path(path)
 
@@ -192,27 +178,28 @@ class FlyThinker(nn.Module):
     def target_norm(self) -> torch.Tensor:
         """Mean L2 norm of the generator's input-embedding rows: the scale of a token's signal.
 
-        Computed in float32, a block of rows at a time: a float32 copy of a whole bf16 table
-        (152k x 2048 for Qwen2.5-3B) would add 1.2 GB to the peak memory of every decode call.
+        Read from the full table under every engine and call path (`embedding_row_norm_mean`);
+        zero or non-finite is an error, never a silently vanished signal.
         """
-        weight = self.generator.get_input_embeddings().weight.detach()
-        return torch.cat([rows.float().norm(dim=-1) for rows in weight.split(16384)]).mean()
+        return embedding_row_norm_mean(self.generator.get_input_embeddings().weight)
 
     def reasoning_signal(self, h: torch.Tensor, target_norm: torch.Tensor | None = None) -> torch.Tensor:
-        """``lam * rescale(h)`` in the generator's embedding space: the term added to ``e_G(s)``.
+        """``lam * rescale(h)`` in the generator's embedding space: the term added to ``e_G(s)``
+        (with a gate and a lambda warm-up when configured; `flythinker.fusion`).
 
         ``target_norm`` may be passed in by callers that reuse it across decode steps.
         """
-        if self.projection is not None:
-            h = self.projection(h.to(self.projection.weight.dtype))
-        elif h.shape[-1] < self.generator_width:
-            h = F.pad(h, (0, self.generator_width - h.shape[-1]))
-        if self.config.rescale:
-            if target_norm is None:
-                target_norm = self.target_norm()
-            scale = target_norm / h.detach().float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            h = h * scale.to(h.dtype)
-        return self.config.lam * h
+        if self.config.rescale and target_norm is None:
+            target_norm = self.target_norm()
+        return self.fusion(h, target_norm if self.config.rescale else None)
+
+    def set_training_step(self, step: int, total_steps: int) -> None:
+        """Called by the training loop before each optimizer step (the lambda warm-up)."""
+        self.fusion.set_training_step(step, total_steps)
+
+    def training_log_values(self) -> dict[str, float]:
+        """The fusion's lambda (and gate) at this step, for the training log."""
+        return self.fusion.log_values()
 
     def reason(
         self,
@@ -304,6 +291,37 @@ class FlyThinker(nn.Module):
 def _with_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of one submodule, its prefix removed."""
     return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def save_fusion(fusion: Fusion, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The fusion's learned parameters, if it has any, as ``fusion.safetensors``."""
+    weights = fusion.state_dict() if state_dict is None else state_dict
+    if weights:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / FUSION_WEIGHTS)
+
+
+def load_fusion(fusion: Fusion, root: Path) -> None:
+    """Load what `save_fusion` wrote; a checkpoint from before the gate may hold only
+    ``projection.safetensors``."""
+    expected = fusion.state_dict()
+    if not expected:
+        return
+    if (root / FUSION_WEIGHTS).is_file():
+        weights = load_file(root / FUSION_WEIGHTS)
+    elif (root / LEGACY_PROJECTION_WEIGHTS).is_file() and set(expected) == {"projection.weight"}:
+        weights = {"projection." + k: v for k, v in load_file(root / LEGACY_PROJECTION_WEIGHTS).items()}
+    else:
+        raise FlyThinkerError(
+            f"{root}: the config's fusion learns {', '.join(sorted(expected))} but "
+            f"{FUSION_WEIGHTS} is missing"
+        )
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise FlyThinkerError(
+            f"{root / FUSION_WEIGHTS} does not match the config's fusion (missing: "
+            f"{', '.join(missing) or 'none'}; unexpected: {', '.join(unexpected) or 'none'})"
+        )
+    fusion.load_state_dict(weights)
 
 
 def _is_shared_checkpoint(root: Path) -> bool:

@@ -15,20 +15,61 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt
 
+from flythinker.stats import PairedDifference, paired_bootstrap
+
 QUALITY = ("rouge1", "rougeL", "meteor", "bleu")
 EFFICIENCY = ("train_s_per_sample", "decode_ms_per_token", "ttft_ms")
 LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "meteor": "METEOR", "bleu": "BLEU"}
-BASELINE = "sft"  # efficiency ratios are to this row, as in the paper
+BASELINE = "sft"  # the method every other row is compared with, as in the paper
+PAIRED = ("rouge1", "rougeL", "meteor")  # per-record metrics; BLEU is corpus-level
+
+
+def baseline_label(methods: dict[str, Any]) -> str | None:
+    """The first row that runs the baseline method (found by method, whatever its label)."""
+    return next((label for label, m in methods.items() if m.get("method", {}).get("method") == BASELINE), None)
+
+
+def paired_rows(results: dict[str, dict[str, Any]], resamples: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """Each method minus SFT on the same records: metric differences and held-out loss per token,
+    with paired-bootstrap 95% intervals. Rows are skipped where SFT's records differ."""
+    rows = []
+    for task, methods in results.items():
+        base_label = baseline_label(methods)
+        if base_label is None:
+            continue
+        base = methods[base_label]
+        for label, m in methods.items():
+            if label == base_label:
+                continue
+            ids = m.get("per_sample", {}).get("id")
+            if ids is not None and ids == base.get("per_sample", {}).get("id"):
+                for key in PAIRED:
+                    d = paired_bootstrap(m["per_sample"][key], base["per_sample"][key], resamples=resamples, seed=seed)
+                    rows.append(_paired_row(task, label, base_label, key, d, m["metrics"][key], base["metrics"][key]))
+            lm, lb = m.get("heldout_loss"), base.get("heldout_loss")
+            if lm and lb and lm["per_sample"]["id"] == lb["per_sample"]["id"]:
+                d = paired_bootstrap(lm["per_sample"]["loss_sum"], lb["per_sample"]["loss_sum"],
+                                     lm["per_sample"]["tokens"], lb["per_sample"]["tokens"], resamples=resamples, seed=seed)
+                rows.append(_paired_row(task, label, base_label, "heldout_loss", d, lm["per_token"], lb["per_token"]))
+    return rows
+
+
+def _paired_row(task, label, base_label, metric, d: PairedDifference, value, base_value) -> dict[str, Any]:
+    return {"task": task, "method": label, "baseline": base_label, "metric": metric, "value": value,
+            "baseline_value": base_value, "difference": d.difference, "ci_low": d.low, "ci_high": d.high,
+            "n": d.n, "interval": d.verdict}
 
 
 def result_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per method x task: quality, then efficiency and its ratio to SFT."""
     rows = []
     for task, methods in results.items():
-        baseline = methods.get(BASELINE, {}).get("efficiency", {})
+        base_label = baseline_label(methods)
+        baseline = methods[base_label].get("efficiency", {}) if base_label else {}
         for label, m in methods.items():
             row: dict[str, Any] = {"method": label, "task": task}
             row.update({k: m["metrics"][k] for k in QUALITY})
+            row.update(heldout_loss=(m.get("heldout_loss") or {}).get("per_token"))
             row.update(n=m["n_samples"], n_empty=m["n_empty_predictions"])
             for key in EFFICIENCY:
                 value, base = m["efficiency"].get(key), baseline.get(key)
@@ -44,7 +85,13 @@ def write_report(results: dict[str, dict[str, Any]], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.md").write_text(format_results(results) + "\n")
+    paired = paired_rows(results)
+    if paired:
+        with (out / "paired.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(paired[0]))
+            writer.writeheader()
+            writer.writerows(paired)
+    (out / "results.md").write_text(format_results(results, paired) + "\n")
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     plot_spans(results, plots / "spans.png")
@@ -54,18 +101,32 @@ def write_report(results: dict[str, dict[str, Any]], out: Path) -> None:
         plot_lambda_sweep(sweep, results, plots / "lambda_sweep.png")
 
 
-def format_results(results: dict[str, dict[str, Any]]) -> str:
-    """The paper's layout: methods down, task x metric across; then an efficiency table."""
+def format_results(results: dict[str, dict[str, Any]], paired: list[dict[str, Any]] | None = None) -> str:
+    """The paper's layout: methods down, task x metric across; then each method against SFT on
+    the same records (paired 95% intervals; ``paired`` as from `paired_rows`, computed when not
+    given); then an efficiency table."""
     tasks = list(results)
     labels = list(dict.fromkeys(label for methods in results.values() for label in methods))
-    head = ["method"] + [f"{t} {LABELS[k]}" for t in tasks for k in QUALITY]
+    head = ["method"] + [f"{t} {name}" for t in tasks for name in [*(LABELS[k] for k in QUALITY), "held-out loss"]]
     lines = [_md_row(head), _md_row(["---"] * len(head))]
     for label in labels:
         cells = [label]
         for task in tasks:
             m = results[task].get(label)
             cells += [_fmt(m["metrics"][k] if m else None, k) for k in QUALITY]
+            cells.append(_fmt(((m or {}).get("heldout_loss") or {}).get("per_token"), "loss"))
         lines.append(_md_row(cells))
+    paired = paired_rows(results) if paired is None else paired
+    if paired:
+        lines += ["", "Against SFT on the same records (method minus SFT; paired bootstrap 95% interval over "
+                  "records; for held-out loss per target token, lower is better):", "",
+                  _md_row(["task", "method", "metric", "method", "SFT", "difference", "95% interval"]),
+                  _md_row(["---"] * 7)]
+        for p in paired:
+            kind = "loss" if p["metric"] == "heldout_loss" else p["metric"]
+            lines.append(_md_row([p["task"], p["method"], LABELS.get(p["metric"], "held-out loss"),
+                                  _fmt(p["value"], kind), _fmt(p["baseline_value"], kind), f"{p['difference']:+.4f}",
+                                  f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"]))
     rows = result_rows(results)
     lines += ["", _md_row(["method", "task", "train s/sample", "x SFT", "decode ms/token", "x SFT", "TTFT ms", "x SFT"]),
               _md_row(["---"] * 8)]
@@ -136,7 +197,8 @@ def plot_lambda_sweep(sweep: dict[str, list[tuple[float, float]]], results: dict
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for task, points in sweep.items():
         line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"FlyThinker, {task}")
-        sft = results[task].get(BASELINE)
+        base = baseline_label(results[task])
+        sft = results[task][base] if base else None
         if sft:
             ax.axhline(sft["metrics"]["rougeL"], linestyle="--", color=line[0].get_color(), label=f"SFT, {task}")
     ax.set(xlabel="lambda", ylabel="ROUGE-L", title="lambda sweep")

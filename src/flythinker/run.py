@@ -34,6 +34,7 @@ from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, Run
 PREDICTIONS = "predictions.jsonl"
 TRAIN_STATS = "train_stats.json"
 SETTINGS = "settings.json"
+HELDOUT_LOSS = "heldout_loss.json"
 
 
 @dataclass
@@ -50,6 +51,9 @@ class TaskConfig:
         eval_split: Split every method is evaluated on (never train on test).
         train_limit: Use only the first N training records (0: all).
         eval_limit: Evaluate only the first N records (0: all).
+        validation: Hold out the last N records of train_split as the split named "validation"
+            (training then uses the rest): choose settings there with ``eval_split:
+            validation``, never on test.
     """
 
     task: str
@@ -59,6 +63,15 @@ class TaskConfig:
     eval_split: str = "test"
     train_limit: int = 0
     eval_limit: int = 0
+    validation: int = 0
+
+    def __post_init__(self) -> None:
+        if self.validation < 0:
+            raise FlyThinkerError(f"{self.task}: validation must be >= 0, got {self.validation}")
+        if self.eval_split == "validation" and not self.validation:
+            raise FlyThinkerError(f"{self.task}: eval_split 'validation' needs validation: N > 0 (records held out of train)")
+        if self.eval_split == self.train_split:
+            raise FlyThinkerError(f"{self.task}: eval_split and train_split are both {self.train_split!r}; evaluate on held-out records")
 
 
 @dataclass
@@ -154,10 +167,29 @@ def run_method(
             print(f"   predicted {len(done)}/{len(eval_records)}", flush=True)
     rows = [done[r.id] for r in eval_records]
     metrics = evaluate_texts([r.prediction for r in rows], [r.target for r in eval_records], config.span_tokens)
+    metrics["per_sample"]["id"] = [r.id for r in eval_records]
+    if method.trainable and method.heldout_comparable:
+        metrics["heldout_loss"] = heldout_loss(method, config, eval_records, work)
     metrics["efficiency"] = efficiency(rows, train_stats)
     metrics["method"] = to_plain(method_config)
     write_json(work / "metrics.json", metrics)
     return metrics
+
+
+def heldout_loss(method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path) -> dict[str, Any]:
+    """Teacher-forced loss per target token on the evaluated records (computed once, then read
+    back from ``heldout_loss.json``); per record too, for paired comparisons."""
+    path = work / HELDOUT_LOSS
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    todo = [r for r in records if r.id not in saved]
+    if todo:
+        print(f"   held-out loss on {len(todo)} records", flush=True)
+        saved.update({k: list(v) for k, v in method.target_losses(todo, config.training, config.decode_batch_size).items()})
+        write_json(path, saved)
+    pairs = [saved[r.id] for r in records]
+    tokens = sum(n for _, n in pairs)
+    return {"per_token": sum(loss for loss, _ in pairs) / max(tokens, 1), "tokens": tokens,
+            "per_sample": {"id": [r.id for r in records], "loss_sum": [p[0] for p in pairs], "tokens": [p[1] for p in pairs]}}
 
 
 def _settings(config: RunConfig, task: TaskConfig, method: MethodConfig) -> dict[str, Any]:
@@ -250,10 +282,28 @@ def append_rows(path: Path, rows: Sequence[PredictionRow]) -> None:
 
 def _load(task: TaskConfig, split: str, limit: int) -> list[LongLaMPRecord]:
     source = sample_data_path() if task.data == "sample" else task.data or None
-    records = load_longlamp(task.task, split, source=source, limit=limit or None, setting=task.setting)
+    if not task.validation:
+        records = list(load_longlamp(task.task, split, source=source, limit=limit or None, setting=task.setting))
+    else:
+        records = _carve(task, split, list(load_longlamp(
+            task.task, task.train_split if split == "validation" else split, source=source, setting=task.setting)))
+        records = records[:limit] if limit else records
     if not records:
         raise FlyThinkerError(f"{task.task}: split {split!r} of {task.data or 'the hub'} is empty")
     return list(records)
+
+
+def _carve(task: TaskConfig, split: str, records: list[LongLaMPRecord]) -> list[LongLaMPRecord]:
+    """The validation split is the last ``task.validation`` records of the train split; the train
+    split is the rest. Other splits are untouched."""
+    if split not in ("validation", task.train_split):
+        return records
+    if task.validation >= len(records):
+        raise FlyThinkerError(
+            f"{task.task}: validation holds out {task.validation} records but {task.train_split!r} has "
+            f"only {len(records)}; nothing would be left to train on"
+        )
+    return records[-task.validation :] if split == "validation" else records[: -task.validation]
 
 
 def sample_data_path() -> Path:

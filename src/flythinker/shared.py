@@ -43,13 +43,14 @@ from transformers import (
 from flythinker.config import FlyThinkerConfig
 from flythinker.decoding import StepDecoder, cache_kwargs
 from flythinker.errors import FlyThinkerError
+from flythinker.fusion import Fusion
 from flythinker.graphs import StepInputs, check_step_mode, static_cache
 from flythinker.model import (
     CONFIG_NAME,
-    PROJECTION_NAME,
     FlyThinker,
     _check_compatible,
     _with_prefix,
+    load_fusion,
 )
 
 ADAPTER_DIR = "reasoner_adapter"
@@ -182,11 +183,7 @@ class FlyThinkerShared(FlyThinker):
             generator, config.lora_rank, config.lora_alpha, self.adapter_rows, config.lora_targets
         )
         width = self.generator_width
-        self.projection = (
-            nn.Linear(width, width, bias=False, dtype=generator.dtype, device=generator.device)
-            if config.fusion == "linear"
-            else None
-        )
+        self.fusion = Fusion(config, width, width, generator.dtype, generator.device)
 
     @property
     def reasoner(self) -> PreTrainedModel:  # type: ignore[override]
@@ -226,10 +223,7 @@ class FlyThinkerShared(FlyThinker):
         tokenizer = AutoTokenizer.from_pretrained(root) if (root / "tokenizer_config.json").is_file() else None
         model = cls(generator, config, tokenizer)
         model._load_adapter(root / ADAPTER_DIR)
-        if model.projection is not None:
-            if not (root / PROJECTION_NAME).is_file():
-                raise FlyThinkerError(f"{root}: fusion='linear' but {PROJECTION_NAME} is missing")
-            model.projection.load_state_dict(load_file(root / PROJECTION_NAME))
+        load_fusion(model.fusion, root)
         return model
 
     def _save_models(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -206,7 +206,14 @@ class _Loop:
     def run(self, state: checkpoints.TrainerState, progress: tqdm) -> None:
         """Steps ``state.step`` to the end: train, log, and save a resumable state every so often."""
         config, plan = self.config, self.plan
+        model = self.accelerator.unwrap_model(self.model)
+        # A model may schedule something by the optimizer step (FlyThinker's lambda warm-up); it is
+        # told each step's index, so a resumed run follows the schedule exactly.
+        schedule = getattr(model, "set_training_step", None)
+        log_values = getattr(model, "training_log_values", None)
         for step in range(state.step, plan.total_steps):
+            if schedule is not None:
+                schedule(step, plan.total_steps)
             start = time.perf_counter()
             loss, grad_norm = self.step(step)
             state.elapsed_s += time.perf_counter() - start
@@ -226,11 +233,14 @@ class _Loop:
                         "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         "elapsed_s": round(state.elapsed_s, 3),
+                        **(log_values() if log_values is not None else {}),
                     },
                 )
             if config.save_every and state.step % config.save_every == 0:
                 root = self.log_path.parent / checkpoints.STATES_DIR
                 checkpoints.save_state(self.accelerator, root, state, config.keep_last)
+        if schedule is not None:  # trained: evaluation and decoding use the full schedule
+            schedule(plan.total_steps, plan.total_steps)
 
     def step(self, step: int) -> tuple[float, float | None]:
         """Forward and backward over this process's micro-batches of ``step``, then one update.

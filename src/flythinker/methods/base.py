@@ -11,21 +11,22 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from flythinker.config import GenerationConfig, TrainConfig
-from flythinker.data.collate import Example, encode_prompts
+from flythinker.config import FlyThinkerConfig, Fusion, Gate, GenerationConfig, ProjectionInit, TrainConfig
+from flythinker.data.collate import Example, collate, encode, encode_prompts
 from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.data.prompts import PromptBudgets, PromptStyle, records_to_examples
 from flythinker.data.retrieval import make_retriever
 from flythinker.decoding import GenerationOutput
 from flythinker.errors import FlyThinkerError
-from flythinker.train import TrainResult, train
+from flythinker.model import position_ids_from_mask
+from flythinker.train import TrainResult, token_cross_entropy_sum, train
 
 
 @dataclass
@@ -38,9 +39,9 @@ class MethodConfig:
             apart, e.g. "flythinker-lam2".
         generator: The generator (every method has one): local dir, built-in alias or hub id.
         reasoner: FlyThinker's reasoner, resolved the same way.
-        lam: FlyThinker's lambda.
-        fusion: FlyThinker's fusion, "pad" or "linear".
-        rescale: FlyThinker's norm rescale of reasoning vectors.
+        lam, fusion, rescale, lam_warmup, gate, gate_scale, projection_init, lora_rank,
+            lora_alpha, lora_targets: FlyThinker's settings, as documented on
+            `flythinker.config.FlyThinkerConfig` (whose defaults these are).
         retriever: How rag (and the profile form, if set for it) ranks profile items: bm25,
             recency, random or dense.
         k: Profile items in the rag prompt.
@@ -52,9 +53,16 @@ class MethodConfig:
     label: str | None = None
     generator: str = "tiny"
     reasoner: str = "tiny-small"
-    lam: float = 0.5
-    fusion: str = "pad"
-    rescale: bool = True
+    lam: float = FlyThinkerConfig.lam
+    fusion: Fusion = FlyThinkerConfig.fusion
+    rescale: bool = FlyThinkerConfig.rescale
+    lam_warmup: float = FlyThinkerConfig.lam_warmup
+    gate: Gate = FlyThinkerConfig.gate
+    gate_scale: float = FlyThinkerConfig.gate_scale
+    projection_init: ProjectionInit = FlyThinkerConfig.projection_init
+    lora_rank: int = FlyThinkerConfig.lora_rank
+    lora_alpha: float = FlyThinkerConfig.lora_alpha
+    lora_targets: list[str] = field(default_factory=list)
     retriever: str = "bm25"
     k: int = 4
     latent_thoughts: int = 2
@@ -63,6 +71,11 @@ class MethodConfig:
     @property
     def name(self) -> str:
         return self.label or self.method
+
+    def flythinker_config(self, dtype: str) -> FlyThinkerConfig:
+        """The FlyThinkerConfig of this row: every field the two share, validated there."""
+        shared = {f.name for f in fields(FlyThinkerConfig)} & {f.name for f in fields(self)}
+        return FlyThinkerConfig(**{name: getattr(self, name) for name in shared}, dtype=dtype)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -141,6 +154,39 @@ class Method(ABC):
         return train(self.model(), self.tokenizer, self.examples(records, for_training=True), config,
                      run_config=run_config, show_progress=True)
 
+    # --- held-out loss -------------------------------------------------------------------
+    # Teacher-forced loss of the reference target given this method's prompt: the cheap,
+    # low-noise first measure of a trained method, a forward pass per record.
+    heldout_comparable: ClassVar[bool] = True  # False where training targets hold more than the answer
+
+    @torch.no_grad()
+    def target_losses(self, records: Sequence[LongLaMPRecord], config: TrainConfig,
+                      batch_size: int) -> dict[str, tuple[float, int]]:
+        """``{id: (summed cross-entropy, target tokens)}`` over target + EOS, each record's prompt
+        and target encoded exactly as training encodes them."""
+        assert self.tokenizer is not None, "build() first"
+        model = self.model()
+        was_training = model.training
+        model.eval()
+        examples = self.examples(records, for_training=True)
+        encoded = [encode(self.tokenizer, e, config.max_prompt_tokens, config.max_target_tokens) for e in examples]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        device = next(model.parameters()).device
+        losses: dict[str, tuple[float, int]] = {}
+        try:
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start : start + batch_size]
+                batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=position_ids_from_mask(batch["attention_mask"])).logits
+                for row, example in enumerate(examples[start : start + batch_size]):
+                    labels = batch["labels"][row : row + 1]
+                    total = token_cross_entropy_sum(logits[row : row + 1], labels)
+                    losses[example.id] = (float(total), int((labels[:, 1:] != -100).sum()))
+        finally:
+            model.train(was_training)
+        return losses
+
     # --- prediction ----------------------------------------------------------------------
     def predict(
         self, records: Sequence[LongLaMPRecord], generation: GenerationConfig, batch_size: int
@@ -171,7 +217,10 @@ class Method(ABC):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             answer, offset = self.final_text(text)
             first_answer_step = _step_of_char(ids, offset, self.tokenizer) if offset else 0
-            ttft = stamps[min(first_answer_step, len(stamps) - 1)] - start
+            # The clock reads the step that produced the first answer token: the same as its
+            # index, unless the decoder wrote the answer in a later phase of its own.
+            clock_step = out.answer_steps[row] if out.answer_steps is not None else first_answer_step
+            ttft = stamps[min(clock_step, len(stamps) - 1)] - start
             rows.append(PredictionRow(
                 id=example.id, prediction=answer.strip(), reference=references[example.id],
                 new_tokens=len(ids) - first_answer_step, generated_tokens=len(ids),

@@ -408,6 +408,7 @@ class Coconut(LMMethod):
     name = "coconut"
     style = "profile"
     trainable = True
+    heldout_comparable = False  # its training targets put rationale steps or latent thoughts before the answer
 
     def build(self, checkpoint: Path | None = None) -> None:
         super().build(checkpoint)

@@ -9,12 +9,15 @@ interrupted run regenerates nothing it already has. SFT then trains on
 
     target = rationale + ANSWER_MARKER + target
 
-At inference the model writes rationale, marker and text in one decode, whose token budget grows by
-``rationale_tokens`` plus the marker so that the answer may run as long as any other method's.
-`final_text` keeps what follows the marker, and its offset moves the time to first token to the
-first answer token, so the rationale is paid for in latency. A text without the marker is the
-answer as a whole, timed from its first token. Coconut (`flythinker.methods.coconut`) reuses these
-rationales.
+At inference the model decodes in two phases. It first writes its rationale, at most
+``rationale_tokens`` tokens; a rationale that runs out of budget without writing the marker gets
+the marker appended, and the answer is then decoded after it with the same budget every other
+method has. Without that forcing a fine-tuned model that rambles past its budget never writes the
+marker and its analysis is scored as its answer, which would make CoT look worse than it is.
+`final_text` keeps what follows the marker, and the time to first token is the time of the first
+answer token, so the rationale is paid for in latency. A row that ends (EOS) before any marker is
+the answer as a whole, as the model chose to skip its analysis. Coconut
+(`flythinker.methods.coconut`) reuses these rationales.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flythinker.config import GenerationConfig
-from flythinker.data.collate import Example, encode_prompts
+from flythinker.data.collate import Encoded, Example, collate, encode_prompts
 from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.data.prompts import (
     PromptBudgets,
@@ -218,6 +222,7 @@ class CoT(LMMethod):
     name = "cot"
     style = "profile"
     trainable = True
+    heldout_comparable = False  # its training targets put a rationale before the answer
 
     def examples(self, records: Sequence[LongLaMPRecord], for_training: bool) -> list[Example]:
         examples = super().examples(records, for_training)
@@ -227,15 +232,47 @@ class CoT(LMMethod):
         return [dataclasses.replace(e, target=cot_target(rationales[e.id], e.target)) for e in examples]
 
     def decode(self, input_ids, attention_mask, generation, on_token) -> GenerationOutput:
-        return super().decode(input_ids, attention_mask, self.with_rationale_budget(generation), on_token)
-
-    def with_rationale_budget(self, generation: GenerationConfig) -> GenerationConfig:
-        """Room for the rationale and marker on top of the shared budget, so the answer itself
-        may run as long as every other method's."""
+        """Rationale first (at most ``rationale_tokens``), then the marker, forced where the model
+        did not write it, then the answer with the shared ``max_new_tokens``."""
         assert self.tokenizer is not None, "build() first"
-        marker = len(self.tokenizer(ANSWER_MARKER, add_special_tokens=False)["input_ids"])
-        extra = self.config.rationale_tokens + marker
-        return dataclasses.replace(generation, max_new_tokens=generation.max_new_tokens + extra)
+        tokenizer = self.tokenizer
+        thinking = super().decode(
+            input_ids, attention_mask,
+            dataclasses.replace(generation, max_new_tokens=self.config.rationale_tokens), on_token,
+        )
+        rationale_steps = thinking.sequences.shape[1]
+        marker = tokenizer(ANSWER_MARKER, add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        heads: list[list[int]] = []  # per row: what precedes the answer in the output
+        answering: list[int] = []  # rows that go on to the answer phase
+        for row in range(len(input_ids)):
+            ids = thinking.sequences[row].tolist()
+            ended = eos in ids
+            text = tokenizer.decode(ids[: ids.index(eos)] if ended else ids, skip_special_tokens=True)
+            if ended and _MARKER_CORE not in text:
+                heads.append(ids)  # skipped its analysis: this text is its whole answer
+                continue
+            rationale = text.split(_MARKER_CORE, 1)[0].rstrip()
+            heads.append(tokenizer(rationale, add_special_tokens=False)["input_ids"] + marker)
+            answering.append(row)
+        answers: dict[int, list[int]] = {}
+        if answering:
+            prompts = [
+                input_ids[row][attention_mask[row].bool()].tolist() + heads[row] for row in answering
+            ]
+            batch = collate([Encoded(p, [-100] * len(p)) for p in prompts], pad)
+            out = super().decode(batch["input_ids"], batch["attention_mask"], generation, on_token)
+            answers = {row: out.sequences[i].tolist() for i, row in enumerate(answering)}
+        rows = [heads[row] + answers.get(row, []) for row in range(len(input_ids))]
+        width = max(len(r) for r in rows)
+        sequences = torch.full((len(rows), width), pad, dtype=torch.long)
+        for row, ids in enumerate(rows):
+            sequences[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        # Every answer's first token comes from the answer phase's first step; a row that skipped
+        # its analysis answered from the first step.
+        answer_steps = [rationale_steps if row in answers else 0 for row in range(len(rows))]
+        return GenerationOutput(sequences=sequences, answer_steps=answer_steps)
 
     def final_text(self, text: str) -> tuple[str, int]:
         return split_answer(text)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from flythinker.config import FlyThinkerConfig
 from flythinker.methods.base import Method
 from flythinker.model import FlyThinker
 
@@ -20,11 +19,7 @@ class FlyThinkerMethod(Method):
         if checkpoint is not None:
             self.flythinker = FlyThinker.from_pretrained(checkpoint, dtype=self.context.dtype)
         else:
-            c = self.config
-            self.flythinker = FlyThinker.from_config(FlyThinkerConfig(
-                reasoner=c.reasoner, generator=c.generator, lam=c.lam, rescale=c.rescale,
-                fusion=c.fusion, dtype=self.context.dtype,  # type: ignore[arg-type]
-            ))
+            self.flythinker = FlyThinker.from_config(self.config.flythinker_config(self.context.dtype))
         self.tokenizer = self.flythinker.tokenizer
 
     def model(self) -> torch.nn.Module:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The start-at-SFT study (configs/studies/start_at_sft.yaml), every stage in order; rerun to resume.
+# Each `flythinker run` resumes by itself (finished checkpoints and predictions are reused), so a
+# killed or timed-out session loses at most the method it was training.
+#   nohup bash tools/run_study.sh > runs/study.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FLYTHINKER=${FLYTHINKER:-.venv/bin/flythinker}
+STUDY=configs/studies/start_at_sft.yaml
+LR_DIR=${LR_DIR:-runs/study-lr}
+
+# 1. The learning rate: SFT's held-out loss on the validation split, one run per candidate.
+for lr in 5.0e-5 1.5e-4; do
+  "$FLYTHINKER" run --config "$STUDY" --config configs/studies/start_at_sft_lr.yaml \
+    --training.lr "$lr" --out "$LR_DIR/$lr"
+done
+LR=$(.venv/bin/python - "$LR_DIR" <<'PY'
+import json, sys
+from pathlib import Path
+losses = {}
+for metrics in sorted(Path(sys.argv[1]).glob("*/metrics.json")):
+    losses[metrics.parent.name] = json.loads(metrics.read_text())["abstract_generation"]["sft"]["heldout_loss"]["per_token"]
+best = min(losses, key=losses.get)
+Path(sys.argv[1], "choice.json").write_text(json.dumps({"validation_loss": losses, "lr": best}, indent=2) + "\n")
+print(best)
+PY
+)
+echo "== learning rate chosen on validation: $LR"
+
+# 2. Stage 1: SFT, the published fusion and the zero-initialised projection, both tasks.
+"$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1.yaml --training.lr "$LR"
+# 3. Every other row (stage 1's rows are reused).
+"$FLYTHINKER" run --config "$STUDY" --training.lr "$LR"
