@@ -190,7 +190,7 @@ def test_the_marker_is_forced_when_the_rationale_budget_runs_out(tmp_path, token
     any marker chose to skip its analysis, and its text is its answer."""
     budget = 48
     method = make_cot(tmp_path, rationale_tokens=budget)
-    encode_text = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    encode_text = lambda text: tokenizer(text, add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id
     rambling = encode_text("Formal tone and many many words that never end. " * 10)[:budget]
     wrote_marker = encode_text(f"Short.{ANSWER_MARKER}Some early answer")

@@ -36,7 +36,12 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert main(["demo", "--quick", "--model", "tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| sft |" in printed and "| flythinker |" in printed
-    assert "not the paper's" in printed and "configs/longlamp_qwen2.5-3b.yaml" in printed
+    assert "configs/longlamp_qwen2.5-3b.yaml" in printed
+    # The closing lines state the paired comparison the run measured, one per quantity.
+    compared = [line for line in printed.splitlines() if "vs SFT" in line]
+    assert {line.split(":")[0].split()[-1] for line in compared} == {"rouge1", "rougeL", "meteor", "heldout_loss"}
+    assert all(("no measurable difference" in line) or ("FlyThinker better" in line) or ("FlyThinker worse" in line)
+               for line in compared)
     assert (out / "product_review" / "flythinker" / "checkpoint" / "flythinker_config.json").is_file()
     assert (REPO / "configs" / "longlamp_qwen2.5-3b.yaml").is_file()
 

@@ -21,7 +21,7 @@ present.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,21 +77,22 @@ def diagnose(
         signal_unit = _shift(published(h, norm_target))
         tokens = int((labels[:, 1:] != -100).sum())
 
-        def loss(signal: torch.Tensor) -> float:
-            return _target_loss(model, ids, mask, position, labels, signal * previous_real[..., None])
+        def loss(signal: torch.Tensor, ids=ids, mask=mask, position=position, labels=labels,
+                 gate=previous_real[..., None]) -> float:
+            return _target_loss(model, ids, mask, position, labels, signal * gate)
 
         for lam in lams:
             totals.setdefault(f"lambda={lam:g}", [0.0, 0])
             _add(totals[f"lambda={lam:g}"], loss(lam * signal_unit), tokens)
-        controls: dict[str, Callable[[], torch.Tensor]] = {
-            "random": lambda: _shift(_rescale(_random_like(h, generator), norm_target, model.generator_width)),
-            "centred": lambda: _shift(published(h - h[real].mean(0), norm_target)),
-            "targets_only": lambda: signal_unit * (labels != -100)[..., None],
-            "linear": lambda: _shift(linear(h, norm_target)),
+        controls = {
+            "random": _shift(_rescale(_random_like(h, generator), norm_target, model.generator_width)),
+            "centred": _shift(published(h - h[real].mean(0), norm_target)),
+            "targets_only": signal_unit * (labels != -100)[..., None],
+            "linear": _shift(linear(h, norm_target)),
         }
-        for name, make in controls.items():
+        for name, signal in controls.items():
             totals.setdefault(f"{name} (lambda={control_lam:g})", [0.0, 0])
-            _add(totals[f"{name} (lambda={control_lam:g})"], loss(control_lam * make()), tokens)
+            _add(totals[f"{name} (lambda={control_lam:g})"], loss(control_lam * signal), tokens)
 
         # The vectors themselves: h_{i-1} against the embedding of s_i, at real positions.
         h_prev = h[:, :-1][previous_real[:, 1:]]
@@ -209,10 +210,10 @@ def format_diagnosis(result: dict[str, Any]) -> str:
     f = result["figures"]
     lines += [
         "",
-        f"reasoner vector norm {f['reasoner_vector_norm']:.2f} vs embedding norm {f['embedding_norm']:.3f}; "
-        f"cosine of h_(i-1) with e_G(s_i) {f['cosine_with_next_token_embedding']:.3f}; "
-        f"nearest embedding row is the next token at {100 * f['next_token_concentration']:.1f}% of "
-        f"{f['positions']} positions",
+        (f"reasoner vector norm {f['reasoner_vector_norm']:.2f} vs embedding norm {f['embedding_norm']:.3f}; "
+         f"cosine of h_(i-1) with e_G(s_i) {f['cosine_with_next_token_embedding']:.3f}; "
+         f"nearest embedding row to h_(i-1) is s_i at {100 * f['next_token_concentration']:.1f}% of "
+         f"{f['positions']} positions"),
     ]
     return "\n".join(lines)
 

@@ -137,7 +137,12 @@ def embedding_row_norm_mean(weight: torch.Tensor) -> torch.Tensor:
     """
     if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 parameter
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+        if weight.ds_status == ZeroParamStatus.AVAILABLE:
+            # Already gathered by an enclosing module's forward; gathering again would release it
+            # on exit while that module still uses it (DeepSpeed refuses).
+            return _checked(_mean_row_norm(weight.detach()), weight)
         with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
             return _checked(_mean_row_norm(weight.detach()), weight)
     local, world = weight.detach(), None

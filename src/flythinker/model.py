@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import ModelOutput
 
 from flythinker.config import FlyThinkerConfig
 from flythinker.errors import FlyThinkerError
@@ -47,10 +48,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class FlyThinkerOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor  # (batch, seq, vocab): the generator's next-token logits
-    reasoning: torch.Tensor  # (batch, seq, d_R): h_i, the reasoner's vector after reading s_0..s_i
+class FlyThinkerOutput(ModelOutput):
+    # A ModelOutput, not a plain dataclass: engines that hook module outputs (DeepSpeed ZeRO-3's
+    # backward hooks) find the tensors inside it.
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (batch, seq, vocab): the generator's next-token logits
+    reasoning: torch.Tensor | None = None  # (batch, seq, d_R): h_i, the reasoner's vector after reading s_0..s_i
 
 
 class FlyThinker(nn.Module):

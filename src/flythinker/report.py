@@ -118,8 +118,8 @@ def format_results(results: dict[str, dict[str, Any]], paired: list[dict[str, An
         lines.append(_md_row(cells))
     paired = paired_rows(results) if paired is None else paired
     if paired:
-        lines += ["", "Against SFT on the same records (method minus SFT; paired bootstrap 95% interval over "
-                  "records; for held-out loss per target token, lower is better):", "",
+        lines += ["", ("Against SFT on the same records (method minus SFT; paired bootstrap 95% interval over "
+                       "records; for held-out loss per target token, lower is better):"), "",
                   _md_row(["task", "method", "metric", "method", "SFT", "difference", "95% interval"]),
                   _md_row(["---"] * 7)]
         for p in paired:

@@ -110,6 +110,11 @@ class RunConfig:
         unknown = [m.method for m in self.methods if m.method not in METHODS]
         if unknown:
             raise FlyThinkerError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        for m in self.methods:
+            try:
+                METHODS[m.method].check(m)
+            except FlyThinkerError as exc:
+                raise FlyThinkerError(f"method row {m.name!r}: {exc}") from None
         labels = [m.name for m in self.methods]
         repeated = sorted({x for x in labels if labels.count(x) > 1})
         if repeated:
@@ -137,8 +142,10 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
             results.setdefault(task.task, {})[method_config.name] = run_method(
                 config, task, method_config, train_records, eval_records
             )
-    write_json(out / "metrics.json", results)
-    write_report(results, out)
+            # After every row, not once at the end: a long study stopped part way (a session's
+            # end) still leaves tables of everything it finished.
+            write_json(out / "metrics.json", results)
+            write_report(results, out)
     return results
 
 

@@ -18,7 +18,14 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from flythinker.config import FlyThinkerConfig, Fusion, Gate, GenerationConfig, ProjectionInit, TrainConfig
+from flythinker.config import (
+    FlyThinkerConfig,
+    Fusion,
+    Gate,
+    GenerationConfig,
+    ProjectionInit,
+    TrainConfig,
+)
 from flythinker.data.collate import Example, collate, encode, encode_prompts
 from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.data.prompts import PromptBudgets, PromptStyle, records_to_examples
@@ -113,6 +120,11 @@ class Method(ABC):
         self.config = config
         self.context = context
         self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    @classmethod
+    def check(cls, config: MethodConfig) -> None:
+        """Raise FlyThinkerError for settings this method cannot run, before any row trains:
+        a typo in the fifth row of a study must not surface an hour into it."""
 
     # --- model ---------------------------------------------------------------------------
     @abstractmethod

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from flythinker.methods.base import Method
+from flythinker.methods.base import Method, MethodConfig
 from flythinker.model import FlyThinker
 
 
@@ -14,6 +14,10 @@ class FlyThinkerMethod(Method):
     name = "flythinker"
     style = "profile"
     trainable = True
+
+    @classmethod
+    def check(cls, config: MethodConfig) -> None:
+        config.flythinker_config("float32")  # FlyThinkerConfig validates every fusion setting
 
     def build(self, checkpoint: Path | None = None) -> None:
         if checkpoint is not None:

@@ -1,0 +1,218 @@
+"""What the start-at-SFT study stands on: the paired bootstrap, the diagnosis, repetition controls,
+the validation split carved from train, held-out loss and the paired report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_run import small_config
+
+from flythinker.config import GenerationConfig
+from flythinker.data.collate import Example, collate, encode
+from flythinker.decoding import generate_plain
+from flythinker.diagnose import CONTROLS, diagnose
+from flythinker.errors import FlyThinkerError
+from flythinker.methods import MethodConfig
+from flythinker.run import TaskConfig, _load, run_experiment
+from flythinker.stats import paired_bootstrap
+
+# --------------------------------------------------------------------------- paired bootstrap
+
+
+def test_a_consistent_gain_has_an_interval_above_zero():
+    baseline = [0.1 * (i % 7) for i in range(40)]
+    better = [b + 0.05 for b in baseline]
+    d = paired_bootstrap(better, baseline)
+    assert d.difference == pytest.approx(0.05)
+    assert d.low == pytest.approx(0.05) and d.high == pytest.approx(0.05)  # every resample agrees
+    assert d.verdict == "above" and d.n == 40
+    assert paired_bootstrap(baseline, better).verdict == "below"
+
+
+def test_noise_around_zero_overlaps_and_the_interval_is_seeded():
+    baseline = [0.5] * 40
+    noisy = [0.5 + 0.1 * math.sin(1.7 * i) for i in range(40)]  # mean ~0, varied magnitudes
+    d = paired_bootstrap(noisy, baseline, seed=3)
+    assert d.low < 0 < d.high and d.verdict == "overlaps"
+    assert paired_bootstrap(noisy, baseline, seed=3) == d
+    assert paired_bootstrap(noisy, baseline, seed=4) != d
+
+
+def test_ratio_of_sums_weights_records_by_their_tokens():
+    # Loss per token: a long record's loss counts by its tokens, not as one record.
+    d = paired_bootstrap([10.0, 1.0], [20.0, 1.0], [10, 1], [10, 1])
+    assert d.difference == pytest.approx(11 / 11 - 21 / 11)
+
+
+def test_unpaired_lists_are_refused():
+    with pytest.raises(FlyThinkerError, match="equal, non-empty"):
+        paired_bootstrap([1.0, 2.0], [1.0])
+    with pytest.raises(FlyThinkerError, match="equal, non-empty"):
+        paired_bootstrap([], [])
+
+
+# --------------------------------------------------------------------------- diagnosis
+
+
+@pytest.fixture
+def diagnosis_batches(tokenizer):
+    examples = [Example(id=str(i), prompt=f"Write a review of item {i}:", target=f"Good item {i}, I liked it.")
+                for i in range(4)]
+    encoded = [encode(tokenizer, e, 32, 16) for e in examples]
+    return [collate(encoded[:2], tokenizer.pad_token_id), collate(encoded[2:], tokenizer.pad_token_id)]
+
+
+def test_diagnosis_at_lambda_zero_is_the_generators_own_loss(make_model, diagnosis_batches):
+    model = make_model(lam=0.5, d_r=32, d_g=64)
+    result = diagnose(model, diagnosis_batches, lams=(0.0, 1.0), control_lam=0.5)
+
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in diagnosis_batches:
+            logits = model.generator(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)).logits
+            labels = batch["labels"][:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum"))
+            tokens += int((labels != -100).sum())
+    losses = result["target_loss"]
+    assert losses["lambda=0"] == pytest.approx(total / tokens, rel=1e-5)
+    assert losses["lambda=1"] != pytest.approx(losses["lambda=0"], rel=1e-3)  # the signal reaches the loss
+    assert set(losses) == {"lambda=0", "lambda=1"} | {f"{c} (lambda=0.5)" for c in CONTROLS}
+    figures = result["figures"]
+    assert 0.0 <= figures["next_token_concentration"] <= 1.0
+    assert -1.0 <= figures["cosine_with_next_token_embedding"] <= 1.0
+    real = sum(int(b["attention_mask"].sum()) - len(b["attention_mask"]) for b in diagnosis_batches)
+    assert figures["positions"] == real  # every real position after each row's first
+    assert figures["embedding_norm"] == pytest.approx(float(model.target_norm()))
+
+
+def test_diagnosis_finds_a_reasoner_that_points_at_the_next_token(make_model, diagnosis_batches):
+    """The mechanism it exists to detect: a reasoner whose vector is the next token's embedding
+    (built here by construction) scores 100% concentration and cosine 1."""
+    model = make_model(d_r=64, d_g=64)
+    table = model.generator.get_input_embeddings().weight
+
+    def next_token_oracle(ids, mask, position):  # h_{i-1} = e_G(s_i), read from the batch it is given
+        return SimpleNamespace(last_hidden_state=F.pad(table[ids[:, 1:]], (0, 0, 0, 1)))
+
+    model.reason = next_token_oracle
+    figures = diagnose(model, diagnosis_batches, lams=(0.0,))["figures"]
+    assert figures["next_token_concentration"] == pytest.approx(1.0)
+    assert figures["cosine_with_next_token_embedding"] == pytest.approx(1.0, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- repetition controls
+
+
+def _ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_no_repeat_ngram_holds_for_every_method(make_model, prompt_batch, n):
+    model = make_model(lam=0.5)
+    config = GenerationConfig(max_new_tokens=40, no_repeat_ngram_size=n)
+    outputs = {
+        "plain": generate_plain(model.generator, prompt_batch.input_ids, prompt_batch.attention_mask, config,
+                                eos_token_id=-1, pad_token_id=0).sequences,
+        "flythinker": model.generate(prompt_batch.input_ids, prompt_batch.attention_mask, config=config,
+                                     eos_token_id=-1).sequences,
+    }
+    free = generate_plain(model.generator, prompt_batch.input_ids, prompt_batch.attention_mask,
+                          GenerationConfig(max_new_tokens=40), eos_token_id=-1, pad_token_id=0).sequences
+    assert any(len(set(_ngrams(row, n))) < len(_ngrams(row, n)) for row in free.tolist()), \
+        "the tiny model should loop without the control, or this test checks nothing"
+    for name, sequences in outputs.items():
+        for row in sequences.tolist():
+            assert len(set(_ngrams(row, n))) == len(_ngrams(row, n)), f"{name} repeated an {n}-gram"
+
+
+def test_lambda_zero_flythinker_equals_plain_under_the_same_controls(make_model, prompt_batch):
+    model = make_model(lam=0.0)
+    config = GenerationConfig(max_new_tokens=24, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    plain = generate_plain(model.generator, prompt_batch.input_ids, prompt_batch.attention_mask, config,
+                           eos_token_id=-1, pad_token_id=0).sequences
+    ours = model.generate(prompt_batch.input_ids, prompt_batch.attention_mask, config=config, eos_token_id=-1).sequences
+    assert torch.equal(plain, ours)
+
+
+def test_repetition_penalty_changes_what_is_chosen(make_model, prompt_batch):
+    lm = make_model().generator
+    kwargs = {"eos_token_id": -1, "pad_token_id": 0}
+    free = generate_plain(lm, prompt_batch.input_ids, prompt_batch.attention_mask, GenerationConfig(max_new_tokens=40), **kwargs)
+    penalised = generate_plain(lm, prompt_batch.input_ids, prompt_batch.attention_mask,
+                               GenerationConfig(max_new_tokens=40, repetition_penalty=5.0), **kwargs)
+    assert not torch.equal(free.sequences, penalised.sequences)
+    distinct = lambda seqs: sum(len(set(row)) for row in seqs.tolist())
+    assert distinct(penalised.sequences) > distinct(free.sequences)
+
+
+@pytest.mark.parametrize("bad", [{"repetition_penalty": 0.0}, {"no_repeat_ngram_size": -1}])
+def test_bad_repetition_settings_are_named(bad):
+    with pytest.raises(FlyThinkerError, match=next(iter(bad))):
+        GenerationConfig(**bad)
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def test_validation_is_carved_from_the_end_of_train_and_never_overlaps():
+    task = TaskConfig(task="product_review", data="sample", validation=3)
+    whole = _load(TaskConfig(task="product_review", data="sample"), "train", 0)
+    train, validation = _load(task, "train", 0), _load(task, "validation", 0)
+    assert [r.id for r in train] == [r.id for r in whole[:-3]]
+    assert [r.id for r in validation] == [r.id for r in whole[-3:]]
+    assert _load(task, "test", 0) == _load(TaskConfig(task="product_review", data="sample"), "test", 0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"validation": -1}, "validation must be"), ({"eval_split": "validation"}, "needs validation"),
+     ({"eval_split": "train"}, "held-out")],
+)
+def test_bad_splits_are_named(settings, message):
+    with pytest.raises(FlyThinkerError, match=message):
+        TaskConfig(task="product_review", data="sample", **settings)
+
+
+def test_validation_larger_than_train_is_named():
+    with pytest.raises(FlyThinkerError, match="nothing would be left"):
+        _load(TaskConfig(task="product_review", data="sample", validation=10_000), "train", 0)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [({"lam_warmup": 1.5}, "lam_warmup"), ({"projection_init": "zero"}, "projection_init"),
+     ({"gate_scale": 0.0}, "gate_scale")],
+)
+def test_a_bad_fusion_setting_fails_before_anything_trains(tmp_path, row, message):
+    with pytest.raises(FlyThinkerError, match=rf"'bad'.*{message}"):
+        small_config(tmp_path, [MethodConfig(method="sft"), MethodConfig(method="flythinker", label="bad", **row)])
+
+
+def test_report_pairs_every_trained_method_with_sft(tmp_path):
+    methods = [MethodConfig(method="sft", label="baseline"), MethodConfig(method="flythinker"),
+               MethodConfig(method="non_personalized")]
+    results = run_experiment(small_config(tmp_path, methods, eval_limit=4))["product_review"]
+    for label in ("baseline", "flythinker"):
+        loss = results[label]["heldout_loss"]
+        assert loss["per_token"] > 0 and loss["per_sample"]["id"] == results[label]["per_sample"]["id"]
+        assert json.loads((tmp_path / "product_review" / label / "heldout_loss.json").read_text())
+    assert "heldout_loss" not in results["non_personalized"]  # nothing trained, nothing to compare
+
+    with (tmp_path / "paired.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["baseline"] for r in rows} == {"baseline"}  # SFT found by method, whatever its label
+    flythinker = {r["metric"]: r for r in rows if r["method"] == "flythinker"}
+    assert set(flythinker) == {"rouge1", "rougeL", "meteor", "heldout_loss"}
+    loss = flythinker["heldout_loss"]
+    assert float(loss["difference"]) == pytest.approx(
+        results["flythinker"]["heldout_loss"]["per_token"] - results["baseline"]["heldout_loss"]["per_token"])
+    assert float(loss["ci_low"]) <= float(loss["difference"]) <= float(loss["ci_high"])
+    assert "paired" in (tmp_path / "results.md").read_text().lower()
