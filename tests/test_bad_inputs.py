@@ -388,3 +388,22 @@ def test_unknown_method_name(tmp_path, capsys):
         ["run", "--config", str(_runner_config(tmp_path, "product_review", "telepathy"))],
         "unknown method(s) telepathy",
     )
+
+
+def test_wrong_checkpoint_paths_are_told_apart(tmp_path, make_model):
+    """Each usual mistake is named by what it is, with what to pass instead."""
+    from flythinker.model import FlyThinker
+    from flythinker.sources import build_tiny
+
+    with pytest.raises(FlyThinkerError, match="no such checkpoint directory"):
+        FlyThinker.from_pretrained(tmp_path / "nowhere")
+    run = tmp_path / "run"
+    make_model().save_pretrained(run / "product_review" / "flythinker" / "checkpoint")
+    with pytest.raises(FlyThinkerError, match="is a run directory; pass one of its FlyThinker checkpoints: .*flythinker/checkpoint"):
+        FlyThinker.from_pretrained(run)
+    with pytest.raises(FlyThinkerError, match="is a method's run directory; pass its checkpoint"):
+        FlyThinker.from_pretrained(run / "product_review" / "flythinker")
+    sft = tmp_path / "sft-checkpoint"
+    build_tiny(32).save_pretrained(sft)
+    with pytest.raises(FlyThinkerError, match="plain language-model checkpoint .* not a FlyThinker one"):
+        FlyThinker.from_pretrained(sft)

@@ -44,7 +44,7 @@ def test_cli_with_references_from_a_longlamp_file(tmp_path, references, capsys):
         ]
     )
     assert code == 0
-    result = json.loads((tmp_path / "metrics.json").read_text())
+    result = json.loads((tmp_path / "preds.metrics.json").read_text())
     assert result["metrics"]["rouge1"] == 1.0 and result["metrics"]["bleu"] == pytest.approx(100.0)
     assert result["n_samples"] == 2 and result["n_empty_predictions"] == 0
     assert result["span_tokens"] == 15
@@ -85,7 +85,7 @@ def test_partial_predictions_are_counted(tmp_path, references):
     )
     evaluate_command(str(predictions), str(REVIEWS), task="product_review")
     assert (
-        json.loads((tmp_path / "metrics.json").read_text())["n_references_without_prediction"] == 1
+        json.loads((tmp_path / "p.metrics.json").read_text())["n_references_without_prediction"] == 1
     )
 
 
@@ -153,3 +153,35 @@ def test_read_predictions_keeps_order_and_string_ids(tmp_path):
         tmp_path / "p.jsonl", [{"id": 7, "prediction": "x"}, {"id": "a", "prediction": "y"}]
     )
     assert [(p.id, p.prediction) for p in read_predictions(path)] == [("7", "x"), ("a", "y")]
+
+
+def test_a_runs_own_metrics_json_is_never_replaced(tmp_path, references, capsys):
+    """Pointed at a run's predictions, evaluate writes beside them, and refuses to replace a file
+    it did not write unless told to."""
+    run_metrics = tmp_path / "metrics.json"
+    run_metrics.write_text(json.dumps({"metrics": {}, "efficiency": {"decode_ms_per_token": 3.0}}))
+    predictions = _write(tmp_path / "predictions.jsonl", [{"id": r.id, "prediction": r.target} for r in references])
+    evaluate_command(str(predictions), str(REVIEWS), task="product_review")
+    assert json.loads(run_metrics.read_text())["efficiency"] == {"decode_ms_per_token": 3.0}
+    assert (tmp_path / "predictions.metrics.json").is_file()
+
+    with pytest.raises(FlyThinkerError, match="not written by `flythinker evaluate`.*--overwrite"):
+        evaluate_command(str(predictions), str(REVIEWS), task="product_review", out=str(run_metrics))
+    evaluate_command(str(predictions), str(REVIEWS), task="product_review")  # its own file: replaced
+    evaluate_command(str(predictions), str(REVIEWS), task="product_review", out=str(run_metrics), overwrite=True)
+    assert json.loads(run_metrics.read_text())["written_by"] == "flythinker evaluate"
+
+
+def test_the_shipped_sample_is_a_reference_source(tmp_path):
+    from flythinker.run import sample_data_path
+
+    records = load_longlamp("product_review", "test", sample_data_path(), limit=3)
+    predictions = _write(tmp_path / "p.jsonl", [{"id": r.id, "prediction": r.target} for r in records])
+    assert main(["evaluate", "--predictions", str(predictions), "--references", "sample"]) == 0
+    assert json.loads((tmp_path / "p.metrics.json").read_text())["metrics"]["rouge1"] == 1.0
+
+
+def test_task_without_references_is_named(tmp_path):
+    predictions = _write(tmp_path / "p.jsonl", [{"id": "x", "prediction": "p", "reference": "p"}])
+    with pytest.raises(FlyThinkerError, match="--task names the task of --references"):
+        evaluate_command(str(predictions), task="product_review")

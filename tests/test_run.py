@@ -112,10 +112,13 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     methods = [MethodConfig(method="non_personalized")]
     run_experiment(small_config(tmp_path, methods, eval_limit=2))
     run_experiment(small_config(tmp_path, methods, eval_limit=3))  # more records: fine, resumes
+    record = (tmp_path / "run_config.yaml").read_text()
     config = small_config(tmp_path, methods, eval_limit=3)
     config.generation = GenerationConfig(max_new_tokens=9)
     with pytest.raises(FlyThinkerError, match="other settings \\(generation changed\\)"):
         run_experiment(config)
+    # Refused before anything is written: the directory still describes the results it holds.
+    assert (tmp_path / "run_config.yaml").read_text() == record
 
 
 def test_lambda_zero_flythinker_predicts_what_sft_predicts(tmp_path):

@@ -110,3 +110,14 @@ def test_train_cli_bad_data_is_one_clear_line(tmp_path, capsys, content, message
 def test_train_cli_missing_file(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nope.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_max_steps_runs_exactly_that_many_steps_and_logs_the_rate_each_used(make_model, tokenizer, tmp_path):
+    """Four examples at batch 4 are one step per epoch; max_steps=3 must still train 3 steps
+    (cycling through the data), and each log line must show the rate its own update used."""
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=3, batch_size=4, lr=1e-3, warmup_ratio=0.0,
+                         schedule="linear")
+    result = train(make_model(), tokenizer, copy_examples(4), config, save=False, show_progress=False)
+    assert result.steps == 3 and len(result.losses) == 3
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3])  # linear decay; the first step at the peak

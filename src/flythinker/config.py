@@ -207,7 +207,8 @@ class TrainConfig:
     Attributes:
         output_dir: Run directory: the checkpoint, train_log.jsonl and run_config.yaml go here.
         epochs: Passes over the training data (fractions allowed).
-        max_steps: Stop after this many optimizer steps; 0 runs all epochs.
+        max_steps: Exactly this many optimizer steps, cycling through the data as often as that
+            takes (overrides epochs, as in transformers' Trainer); 0: run ``epochs``.
         batch_size: Examples per forward pass.
         grad_accum: Forward passes per optimizer step (effective batch = batch_size * grad_accum).
         lr: Peak learning rate of AdamW.

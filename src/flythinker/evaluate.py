@@ -401,6 +401,22 @@ def read_predictions(path: str | Path) -> list[Prediction]:
     return rows
 
 
+WRITTEN_BY = "flythinker evaluate"
+
+
+def _refuse_foreign(path: Path, overwrite: bool) -> None:
+    """Never silently replace a file this command did not write (a run's own metrics.json)."""
+    if overwrite or not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get("written_by") == WRITTEN_BY
+    except (ValueError, AttributeError, OSError):
+        ours = False
+    if not ours:
+        raise FlyThinkerError(f"{path} exists and was not written by `flythinker evaluate`; "
+                              "pass another --out, or --overwrite to replace it")
+
+
 def _pair_with_references(
     rows: list[Prediction], references: str | None, task: str | None, split: str, setting: str
 ) -> tuple[list[str], int]:
@@ -483,6 +499,7 @@ def evaluate_command(
     span_tokens: int = 100,
     out: str | None = None,
     setting: str = "user",
+    overwrite: bool = False,
 ) -> None:
     """Score predictions with LongLaMP's metrics, whole text and per position span.
 
@@ -492,16 +509,31 @@ def evaluate_command(
     Args:
         predictions: JSONL file, one {"id", "prediction"[, "reference"]} object per line.
         references: LongLaMP data file or directory holding the references (record ids as
-            `flythinker` assigns them); without it each line needs a "reference".
-        task: LongLaMP task of --references (product_review, abstract_generation, topic_writing).
+            `flythinker` assigns them), or "sample" for the review sample shipped with the
+            package; without it each line needs a "reference".
+        task: LongLaMP task of --references (product_review, abstract_generation, topic_writing;
+            "sample" implies product_review).
         split: split of --references to read.
         span_tokens: whitespace tokens per span in the position-sensitive evaluation.
-        out: where to write metrics.json (default: metrics.json next to the predictions).
+        out: where to write the metrics (default: <predictions name>.metrics.json next to the
+            predictions, so a run's own metrics.json is never replaced).
         setting: LongLaMP setting (user or temporal) when --references is a directory.
+        overwrite: replace --out even if it is not a file this command wrote.
     """
+    if task is not None and references is None:
+        raise FlyThinkerError("--task names the task of --references; pass --references PATH (or 'sample') with it")
+    if references == "sample":
+        from flythinker.run import sample_data_path
+
+        if task not in (None, "product_review"):
+            raise FlyThinkerError(f"the shipped sample is product_review, not {task}")
+        references, task = str(sample_data_path()), "product_review"
+    path = Path(out) if out else Path(predictions).with_suffix(".metrics.json")
+    _refuse_foreign(path, overwrite)
     rows = read_predictions(predictions)
     texts, unpredicted = _pair_with_references(rows, references, task, split, setting)
     result = {
+        "written_by": WRITTEN_BY,
         "predictions": str(predictions),
         "references": str(references) if references else "inline",
         "task": task,
@@ -509,7 +541,6 @@ def evaluate_command(
         "n_references_without_prediction": unpredicted,
         **evaluate_texts([r.prediction for r in rows], texts, span_tokens),
     }
-    path = Path(out) if out else Path(predictions).parent / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(format_table(result))

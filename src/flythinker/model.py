@@ -113,6 +113,7 @@ class FlyThinker(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | None = None) -> FlyThinker:
         """Load a checkpoint written by `save_pretrained`."""
         root = Path(path)
+        _explain_not_a_checkpoint(root)
         if cls is FlyThinker and _is_shared_checkpoint(root):
             from flythinker.shared import FlyThinkerShared
 
@@ -364,3 +365,22 @@ def check_same_vocab(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> 
             f"({len(va)} vs {len(vb)} tokens; e.g. {differing})"
         )
 
+
+def _explain_not_a_checkpoint(root: Path) -> None:
+    """Name the usual wrong paths by what they are, and what to pass instead."""
+    if not root.exists():
+        raise FlyThinkerError(f"{root}: no such checkpoint directory")
+    if not root.is_dir():
+        raise FlyThinkerError(f"{root} is a file; a FlyThinker checkpoint is a directory")
+    if (root / CONFIG_NAME).is_file():
+        return
+    if (root / "checkpoint" / CONFIG_NAME).is_file():
+        raise FlyThinkerError(f"{root} is a method's run directory; pass its checkpoint: {root / 'checkpoint'}")
+    found = sorted(str(c.parent) for c in root.glob("*/*/checkpoint/" + CONFIG_NAME))
+    if found:
+        raise FlyThinkerError(f"{root} is a run directory; pass one of its FlyThinker checkpoints: {', '.join(found)}")
+    if (root / "config.json").is_file():
+        raise FlyThinkerError(
+            f"{root} is a plain language-model checkpoint (an SFT or baseline run, or a base model), "
+            "not a FlyThinker one (no flythinker_config.json); pass a checkpoint of a flythinker run"
+        )

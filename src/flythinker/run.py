@@ -128,6 +128,11 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     from flythinker.report import write_report
 
     out = Path(config.out)
+    # Every row's settings are checked before anything is written: a refused rerun must leave the
+    # directory, run_config.yaml included, describing the results it holds.
+    for task in config.tasks:
+        for method_config in config.methods:
+            _check_settings(out / task.task / method_config.name, _settings(config, task, method_config))
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_yaml(out / "run_config.yaml", config)
@@ -208,7 +213,7 @@ def _settings(config: RunConfig, task: TaskConfig, method: MethodConfig) -> dict
     })
 
 
-def _claim(work: Path, settings: dict[str, Any]) -> None:
+def _check_settings(work: Path, settings: dict[str, Any]) -> None:
     """Reuse a directory's results only if they were made with the same settings."""
     path = work / SETTINGS
     if path.is_file():
@@ -219,8 +224,13 @@ def _claim(work: Path, settings: dict[str, Any]) -> None:
                 f"{work} holds results made with other settings ({', '.join(changed)} changed); "
                 "use another --out, or delete that directory to redo it"
             )
-    else:
-        write_json(path, settings)
+
+
+def _claim(work: Path, settings: dict[str, Any]) -> None:
+    """Mark ``work`` as holding results of ``settings`` (checked again: the check is cheap)."""
+    _check_settings(work, settings)
+    if not (work / SETTINGS).is_file():
+        write_json(work / SETTINGS, settings)
 
 
 def _train_or_reuse(method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path) -> dict | None:

@@ -40,8 +40,9 @@ class StepPlan:
 
     @property
     def total_steps(self) -> int:
-        total = max(1, math.ceil(self.steps_per_epoch * self.epochs))
-        return min(total, self.max_steps) if self.max_steps else total
+        if self.max_steps:
+            return self.max_steps
+        return max(1, math.ceil(self.steps_per_epoch * self.epochs))
 
     def epoch_of(self, step: int) -> float:
         """Fractional epochs completed after ``step`` (1-based) optimizer steps, as logged."""

@@ -214,6 +214,7 @@ class _Loop:
         for step in range(state.step, plan.total_steps):
             if schedule is not None:
                 schedule(step, plan.total_steps)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
             start = time.perf_counter()
             loss, grad_norm = self.step(step)
             state.elapsed_s += time.perf_counter() - start
@@ -230,7 +231,7 @@ class _Loop:
                         "step": state.step,
                         "epoch": round(plan.epoch_of(state.step), 4),
                         "loss": loss,
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": lr,
                         "grad_norm": grad_norm,
                         "elapsed_s": round(state.elapsed_s, 3),
                         **(log_values() if log_values is not None else {}),
@@ -466,8 +467,10 @@ def train_command(
     if result.extra.get("main_process", True):
         if result.extra.get("resumed_from") is not None:
             print(f"resumed from the state at step {result.extra['resumed_from']}")
+        losses = result.losses
+        trend = (f"loss {losses[0]:.4f} (first step) -> {losses[-1]:.4f} (last)" if len(losses) > 1
+                 else f"loss {losses[0]:.4f} (one step: no trend yet)") if losses else "no new steps"
         print(
-            f"trained {result.steps} steps on {len(examples)} examples in {result.seconds:.1f}s; "
-            f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}\n"
+            f"trained {result.steps} step(s) on {len(examples)} examples in {result.seconds:.2f}s; {trend}\n"
             f"checkpoint: {result.checkpoint}\nlog: {result.log_path}"
         )
