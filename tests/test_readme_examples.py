@@ -20,7 +20,7 @@ EXAMPLE = REPO / "examples" / "python_usage.py"
 
 
 def test_the_readme_shows_the_example_file_verbatim():
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
     assert EXAMPLE.read_text() in blocks
 
 
