@@ -56,8 +56,10 @@ def test_write_shows_the_reasoning_lens_and_saves_html(checkpoint, tmp_path, cap
     html = tmp_path / "lens.html"
     assert main(["write", "--checkpoint", str(checkpoint), "--profile", str(PROFILE), "--query", QUERY,
                  "--max-new-tokens", "6", "--show-reasoning", "--lens-top", "2", "--lens-out", str(html)]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if "lens:" in line]
+    printed = capsys.readouterr()
+    lines = [line for line in printed.out.splitlines() if "lens:" in line]
     assert 1 <= len(lines) <= 6 and all(line.count("|") == 1 for line in lines)
+    assert "lens view:" not in printed.out and f"lens view: {html}" in printed.err  # stdout: the text alone
     page = html.read_text()
     assert page.startswith("<!doctype html>") and page.count("<span title=") == len(lines)
 

@@ -65,6 +65,7 @@ def test_tiny_yaml_runs_every_method_through_the_cli(tmp_path, capsys):
     assert {"method", "task", "rouge1", "rougeL", "meteor", "bleu", "decode_ms_per_token_ratio_to_sft"} <= set(rows[0])
     assert float(next(r for r in rows if r["method"] == "sft")["decode_ms_per_token_ratio_to_sft"]) == 1.0
     assert "| flythinker |" in (out / "results.md").read_text()
+    assert "indicative only" in (out / "results.md").read_text()  # one timing per method is not a speed comparison
     for png in ("spans.png", "efficiency.png"):
         assert (out / "plots" / png).read_bytes()[:8] == PNG_MAGIC
     assert yaml.safe_load((out / "run_config.yaml").read_text())["generation"]["max_new_tokens"] == 6
@@ -98,13 +99,15 @@ def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):
         assert resumed["product_review"][label]["metrics"] == reference["product_review"][label]["metrics"]
 
 
-def test_torn_last_line_is_redone(tmp_path):
+def test_torn_last_line_is_redone(tmp_path, capsys):
     methods = [MethodConfig(method="non_personalized")]
     run_experiment(small_config(tmp_path, methods))
     path = tmp_path / "product_review" / "non_personalized" / "predictions.jsonl"
     whole = path.read_text()
     path.write_text(whole[: whole.rindex("\n", 0, len(whole) - 1) + 10])  # cut inside the last row
+    capsys.readouterr()
     run_experiment(small_config(tmp_path, methods))
+    assert "reusing 3 earlier prediction(s)" in capsys.readouterr().out  # a resumed run says so
     assert read_predictions(path) == {json.loads(x)["id"]: json.loads(x)["prediction"] for x in whole.splitlines()}
 
 

@@ -584,8 +584,10 @@ def bench_command(
     plot: str | None = None,
     seed: int = 0,
 ) -> None:
-    """Time SFT, FlyThinker and FlyThinker-shared side by side: decode latency and throughput,
-    a training step and peak memory, each as a ratio to SFT beside its floor from parameter bytes.
+    """Time SFT, FlyThinker and FlyThinker-shared side by side, as ratios to SFT.
+
+    Decode latency and throughput, a training step and peak memory, each as a ratio to SFT beside
+    its floor from parameter bytes.
 
     Args:
         shape: Generator architecture with random weights: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b

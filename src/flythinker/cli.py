@@ -65,12 +65,18 @@ def normalize_args(argv: list[str], commands: dict[str, Callable]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import auto_cli
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["--version"], ["-V"]):
+        from importlib.metadata import version
+
+        print(f"flythinker {version('flythinker')}")
+        return 0
     commands = _commands()
-    argv = normalize_args(sys.argv[1:] if argv is None else argv, commands)
+    argv = normalize_args(argv, commands)
     try:
         # exit_on_error=False: a bad option raises instead of printing the whole usage block, so
         # it gets the same one line as any other bad input.
-        auto_cli(commands, args=argv, as_positional=False, exit_on_error=False)
+        auto_cli(commands, args=argv, as_positional=False, exit_on_error=False, prog="flythinker")
     except (FlyThinkerError, ArgumentError) as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"flythinker: error: {message}", file=sys.stderr)

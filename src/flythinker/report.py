@@ -128,7 +128,8 @@ def format_results(results: dict[str, dict[str, Any]], paired: list[dict[str, An
                                   _fmt(p["value"], kind), _fmt(p["baseline_value"], kind), f"{p['difference']:+.4f}",
                                   f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"]))
     rows = result_rows(results)
-    lines += ["", _md_row(["method", "task", "train s/sample", "x SFT", "decode ms/token", "x SFT", "TTFT ms", "x SFT"]),
+    lines += ["", TIMING_CAVEAT, "",
+              _md_row(["method", "task", "train s/sample", "x SFT", "decode ms/token", "x SFT", "TTFT ms", "x SFT"]),
               _md_row(["---"] * 8)]
     for r in rows:
         cells = [r["method"], r["task"]]
@@ -136,6 +137,13 @@ def format_results(results: dict[str, dict[str, Any]], paired: list[dict[str, An
             cells += [_fmt(r[key], "time"), _fmt(r[f"{key}_ratio_to_sft"], "ratio")]
         lines.append(_md_row(cells))
     return "\n".join(lines)
+
+
+# The runner times each method once, minutes apart, on whatever else the machine is doing: its
+# ratios can be off by several-fold on a shared CPU. Said wherever they are shown.
+TIMING_CAVEAT = ("Timings below: each method timed once, at a different moment, inside this run: indicative "
+                 "only, not a speed comparison. For ratios measured side by side over repeats, with their "
+                 "spread, use `flythinker bench`.")
 
 
 def _md_row(cells: list[str]) -> str:
@@ -164,6 +172,9 @@ def plot_spans(results: dict[str, dict[str, Any]], path: Path, metric: str = "ro
                     marker="o", label=label)
         ax.set(title=task, xlabel="output span (whitespace tokens)", ylabel=LABELS[metric])
         ax.tick_params(axis="x", labelrotation=30)
+        if all(sum(1 for s in m["spans"] if s["n"]) <= 1 for m in methods.values()):
+            ax.text(0.5, 0.5, "outputs shorter than one span:\nno position trend to show", transform=ax.transAxes,
+                    ha="center", va="center", fontsize="small", color="gray")
     axes[0][-1].legend(fontsize="small")
     _save(fig, path)
 
@@ -171,12 +182,14 @@ def plot_spans(results: dict[str, dict[str, Any]], path: Path, metric: str = "ro
 def plot_efficiency(rows: list[dict[str, Any]], path: Path) -> None:
     """Training time per sample and decode latency per token, per method (first task's rows)."""
     first = [r for r in rows if r["task"] == rows[0]["task"]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
     for ax, key, title in zip(axes, EFFICIENCY, ("train s / sample", "decode ms / token", "time to first token, ms")):
         values = [r[key] or 0.0 for r in first]
         ax.bar([r["method"] for r in first], values)
         ax.set(title=f"{title} ({rows[0]['task']})")
-        ax.tick_params(axis="x", labelrotation=30)
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="right", fontsize="small")
+    fig.suptitle("one timing per method, at different moments: indicative only (see `flythinker bench`)",
+                 fontsize="small", color="gray")
     _save(fig, path)
 
 

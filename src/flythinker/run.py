@@ -172,6 +172,9 @@ def run_method(
     path = work / PREDICTIONS
     done = read_prediction_rows(path)
     todo = [r for r in eval_records if r.id not in done]
+    reused = len(eval_records) - len(todo)
+    if reused:
+        print(f"   reusing {reused} earlier prediction(s) from {path}; {len(todo)} to go", flush=True)
     if todo:
         for rows in method.predict(todo, config.generation, config.decode_batch_size):
             append_rows(path, rows)

@@ -146,7 +146,7 @@ def write_command(
     print()
     if lens_out:
         Path(lens_out).write_text(lens_html(steps, query), encoding="utf-8")
-        print(f"lens view: {lens_out}")
+        print(f"lens view: {lens_out}", file=sys.stderr)  # stdout holds the text alone
 
 
 def lens_html(steps: list[LensStep], title: str) -> str:
