@@ -161,3 +161,10 @@ def test_every_shipped_config_parses(path, capsys):
         main(["run", *base, "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "generation:" in capsys.readouterr().out
+
+
+def test_a_training_output_dir_in_a_run_config_is_refused(tmp_path):
+    config = small_config(tmp_path, [MethodConfig(method="sft")])
+    with pytest.raises(FlyThinkerError, match="output_dir is chosen by the runner"):
+        RunConfig(out=config.out, tasks=config.tasks, methods=config.methods,
+                  training=TrainConfig(output_dir=str(tmp_path / "elsewhere")))

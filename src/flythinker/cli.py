@@ -8,6 +8,7 @@ non-zero exit; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     commands = _commands()
     argv = normalize_args(argv, commands)
+    if not os.environ.get("FLYTHINKER_VERBOSE"):
+        # Weight loading and shard writing draw a bar per model: noise in a run's log. Our own
+        # bars (training, decoding) stay.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         # exit_on_error=False: a bad option raises instead of printing the whole usage block, so
         # it gets the same one line as any other bad input.

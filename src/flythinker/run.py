@@ -119,6 +119,10 @@ class RunConfig:
         repeated = sorted({x for x in labels if labels.count(x) > 1})
         if repeated:
             raise FlyThinkerError(f"method label(s) {', '.join(repeated)} used twice; set 'label' to tell them apart")
+        if self.training.output_dir != TrainConfig().output_dir:
+            raise FlyThinkerError(
+                "training.output_dir is chosen by the runner (<out>/<task>/<method>); set the run's --out instead"
+            )
         if self.decode_batch_size < 1:
             raise FlyThinkerError("decode_batch_size must be >= 1")
 
