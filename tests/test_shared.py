@@ -181,3 +181,34 @@ def test_adapter_targets_choose_the_adapted_layers(tokenizer, prompt_batch, tmp_
         assert torch.equal(model(*args).logits, loaded(*args).logits)
     with pytest.raises(FlyThinkerError, match="lora_targets qq_proj name no linear layer"):
         FlyThinkerShared.from_model(build_tiny(64, seed=2), tokenizer, lora_targets=["qq_proj"])
+
+
+def test_write_decodes_a_shared_checkpoint_with_its_own_decoder(make_shared, tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from flythinker import write
+    from flythinker.cli import main
+    from flythinker.shared import SharedDecoder
+
+    used = []
+    real_decode = write.decode
+    monkeypatch.setattr(write, "decode", lambda decoder, *a, **k: used.append(type(decoder)) or real_decode(decoder, *a, **k))
+    from flythinker.data.collate import encode_prompts
+    from flythinker.data.prompts import PromptBudgets, build_prompt
+    from flythinker.model import FlyThinker
+    from flythinker.write import read_profile
+
+    profile = Path(__file__).resolve().parents[1] / "examples" / "profile_reviews.json"
+    query = 'Generate the review text for a product with description "Ceramic Mug". The summary is "Lovely."'
+    path = make_shared().save_pretrained(tmp_path / "shared")
+    assert main(["write", "--checkpoint", str(path), "--profile", str(profile), "--query", query,
+                 "--max-new-tokens", "10", "--profile-tokens", "256"]) == 0
+    written = capsys.readouterr().out.rstrip("\n").splitlines()[-1]  # after any library banner
+
+    model = FlyThinker.from_pretrained(path)
+    prompt = build_prompt(read_profile(str(profile), query, None), model.tokenizer, "profile",
+                          budgets=PromptBudgets(profile_tokens=256))
+    batch = encode_prompts(model.tokenizer, [prompt], max_prompt_tokens=PromptBudgets(profile_tokens=256).prompt_tokens)
+    tokens = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10).sequences[0].tolist()
+    assert written == model.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert used == [SharedDecoder]  # one forward of both roles per step, not the two-model decoder

@@ -20,7 +20,7 @@ from flythinker.config import GenerationConfig
 from flythinker.data.collate import encode_prompts
 from flythinker.data.longlamp import TASKS, LongLaMPRecord, parse_record
 from flythinker.data.prompts import PromptBudgets, build_prompt
-from flythinker.decoding import FlyThinkerDecoder, decode
+from flythinker.decoding import decode
 from flythinker.errors import FlyThinkerError
 from flythinker.model import FlyThinker
 
@@ -114,7 +114,7 @@ def write_command(
     batch = encode_prompts(tokenizer, [prompt], max_prompt_tokens=budgets.prompt_tokens)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   temperature=temperature, top_p=top_p, seed=seed)
-    decoder = FlyThinkerDecoder(model)
+    decoder = model.step_decoder()  # the checkpoint's own decoder (a shared reasoner has its own)
     written: list[int] = []
     steps: list[LensStep] = []
 
