@@ -1,7 +1,6 @@
 import sys
 
-from flythinker.data.collate import encode_chat
-from flythinker.model import FlyThinker
+from flythinker import FlyThinker, encode_chat
 
 checkpoint = sys.argv[1] if len(sys.argv) > 1 else "runs/demo/product_review/flythinker/checkpoint"
 model = FlyThinker.from_pretrained(checkpoint)

@@ -28,3 +28,12 @@ def test_each_subcommand_summary_is_a_whole_sentence(command):
 
     first_line = (_commands()[command].__doc__ or "").strip().splitlines()[0]
     assert first_line.endswith("."), f"{command}: {first_line!r}"
+
+
+def test_the_public_api_is_importable_from_the_top():
+    import flythinker
+
+    for name in flythinker.__all__:
+        assert getattr(flythinker, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        flythinker.nothing  # noqa: B018

@@ -1,0 +1,36 @@
+"""FlyThinker: think-while-generating personalized long-form generation (arXiv 2512.06690).
+
+What a user of the README needs, importable from the top: ``from flythinker import FlyThinker``.
+(No name here equals a submodule's: importing that submodule would replace it.)
+Resolved on first use, so that ``import flythinker`` (and ``flythinker --help``) does not load
+torch and transformers before they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "FlyThinker": "flythinker.model",
+    "FlyThinkerConfig": "flythinker.config",
+    "GenerationConfig": "flythinker.config",
+    "TrainConfig": "flythinker.config",
+    "encode_chat": "flythinker.data.collate",
+    "load_longlamp": "flythinker.data.longlamp",
+    "compute_metrics": "flythinker.evaluate",
+    "evaluate_texts": "flythinker.evaluate",
+    "FlyThinkerError": "flythinker.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'flythinker' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
