@@ -23,7 +23,7 @@ _EXPORTS = {
     "FlyThinkerError": "flythinker.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
