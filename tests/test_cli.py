@@ -22,12 +22,23 @@ def test_help_names_the_command_as_users_type_it():
     assert done.returncode == 0 and done.stdout.startswith("usage: flythinker ")
 
 
-@pytest.mark.parametrize("command", ["bench", "train", "evaluate", "run", "demo", "diagnose", "write"])
-def test_each_subcommand_summary_is_a_whole_sentence(command):
-    from flythinker.cli import _commands
+def test_each_subcommand_summary_is_a_whole_sentence_and_listed_as_it_is():
+    from flythinker.cli import SUMMARIES, _commands
 
-    first_line = (_commands()[command].__doc__ or "").strip().splitlines()[0]
-    assert first_line.endswith("."), f"{command}: {first_line!r}"
+    commands = _commands()
+    assert list(SUMMARIES) == list(commands)
+    for name, function in commands.items():
+        first_line = (function.__doc__ or "").strip().splitlines()[0]
+        assert first_line.endswith("."), f"{name}: {first_line!r}"
+        assert SUMMARIES[name] == first_line, f"cli.SUMMARIES[{name!r}] is out of date"
+
+
+def test_top_level_help_does_not_load_torch():
+    code = ("import sys; from flythinker.cli import main; main(['--help']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "diagnose" in done.stdout
 
 
 def test_the_public_api_is_importable_from_the_top():

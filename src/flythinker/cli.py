@@ -16,6 +16,29 @@ from collections.abc import Callable
 from flythinker.errors import FlyThinkerError
 
 
+# The first line of each command's docstring, for `flythinker --help` without importing torch
+# (seconds on a small machine); a test keeps them equal to the docstrings.
+SUMMARIES = {
+    "bench": "Time SFT, FlyThinker and FlyThinker-shared side by side, as ratios to SFT.",
+    "train": "Train a FlyThinker model (reasoner + generator, jointly) on prompt/target pairs.",
+    "evaluate": "Score predictions with LongLaMP's metrics, whole text and per position span.",
+    "run": "Run a comparison: train what needs training, decode, evaluate, write tables and plots.",
+    "demo": "Train SFT and FlyThinker briefly on a real 135M model, generate for held-out users, evaluate.",
+    "diagnose": "Measure, before training, why a reasoner's vectors disturb a generator (see docs/method.md).",
+    "write": "Write one text in a user's voice with a trained FlyThinker checkpoint, streamed to the terminal.",
+}
+
+
+def top_level_help() -> str:
+    width = max(map(len, SUMMARIES))
+    lines = [f"usage: flythinker [--version] {{{','.join(SUMMARIES)}}} ...", "",
+             "Think-while-generating personalized long-form generation (FlyThinker, arXiv 2512.06690).", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, summary in SUMMARIES.items()]
+    lines += ["", "`flythinker COMMAND --help` lists a command's options."]
+    return "\n".join(lines)
+
+
 def _commands() -> dict[str, Callable]:
     # Imported here so `flythinker --help` does not pay for torch until a command runs.
     from flythinker.bench import bench_command
@@ -67,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import auto_cli
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv in ([], ["-h"], ["--help"]):
+        print(top_level_help())
+        return 0
     if argv in (["--version"], ["-V"]):
         from importlib.metadata import version
 
