@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 from flythinker.errors import FlyThinkerError
 
-
 # The first line of each command's docstring, for `flythinker --help` without importing torch
 # (seconds on a small machine); a test keeps them equal to the docstrings.
 SUMMARIES = {
