@@ -25,6 +25,7 @@ SUMMARIES = {
     "demo": "Train SFT and FlyThinker briefly on a real 135M model, generate for held-out users, evaluate.",
     "diagnose": "Measure, before training, why a reasoner's vectors disturb a generator (see docs/method.md).",
     "write": "Write one text in a user's voice with a trained FlyThinker checkpoint, streamed to the terminal.",
+    "serve": "Serve a checkpoint over OpenAI's HTTP API, with a web page that streams its text and reasoning lens.",
 }
 
 
@@ -45,6 +46,7 @@ def _commands() -> dict[str, Callable]:
     from flythinker.diagnose import diagnose_command
     from flythinker.evaluate import evaluate_command
     from flythinker.run import run_command
+    from flythinker.serve import serve_command
     from flythinker.train import train_command
     from flythinker.write import write_command
 
@@ -56,6 +58,7 @@ def _commands() -> dict[str, Callable]:
         "demo": demo_command,
         "diagnose": diagnose_command,
         "write": write_command,
+        "serve": serve_command,
     }
 
 
