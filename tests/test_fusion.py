@@ -236,3 +236,12 @@ def test_norm_reads_big_tables_in_blocks_exactly():
 def test_fusion_module_rejects_a_wide_reasoner_for_pad():
     with pytest.raises(FlyThinkerError, match="needs d_R <= d_G"):
         Fusion(FlyThinkerConfig(), 64, 32, torch.float32, "cpu")
+
+
+def test_a_zero_projection_is_logged_opening(make_model, tokenizer, tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=4, lr=1e-2)
+    model = make_model(fusion="linear", projection_init="zero")
+    assert model.training_log_values()["projection_spectral_norm"] == 0.0
+    train(model, tokenizer, copy_examples(8), config, save=False, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert 0 < rows[0]["projection_spectral_norm"] < rows[1]["projection_spectral_norm"]

@@ -78,6 +78,10 @@ class Fusion(nn.Module):
         gate = self.gate_value()
         if gate is not None:
             values["gate_abs_mean"] = float(gate.detach().abs().mean())
+        if self.projection is not None:
+            # How far a zero-initialised projection has opened: its spectral norm bounds how much
+            # it can scale the rescaled vector (norm = the embedding norm) on its way in.
+            values["projection_spectral_norm"] = float(torch.linalg.matrix_norm(self.projection.weight.detach().float(), ord=2))
         return values
 
     # ------------------------------------------------------------------ formula
