@@ -216,3 +216,31 @@ def test_report_pairs_every_trained_method_with_sft(tmp_path):
         results["flythinker"]["heldout_loss"]["per_token"] - results["baseline"]["heldout_loss"]["per_token"])
     assert float(loss["ci_low"]) <= float(loss["difference"]) <= float(loss["ci_high"])
     assert "paired" in (tmp_path / "results.md").read_text().lower()
+
+
+def test_signal_ablation_measures_what_the_signal_changes(make_model, diagnosis_batches):
+    from flythinker.diagnose import signal_ablation
+
+    silent = signal_ablation(make_model(lam=0.0), diagnosis_batches)
+    assert silent["signal_gain"] == 0.0 and silent["signal_norm"] == 0.0
+    model = make_model(lam=1.0)
+    result = signal_ablation(model, diagnosis_batches)
+    assert result["signal_gain"] != 0.0
+    assert result["signal_norm"] == pytest.approx(result["embedding_norm"], rel=1e-4)  # rescale, lambda 1
+    assert model.fusion.lam() == 1.0  # the model is left as it was
+    off = diagnose(model, diagnosis_batches, lams=(0.0,))["target_loss"]["lambda=0"]
+    assert result["target_loss"]["signal off (lambda 0)"] == pytest.approx(off, rel=1e-5)
+
+
+def test_diagnose_command_on_the_sample_before_and_after_training(tmp_path, capsys, make_model):
+    from flythinker.cli import main
+
+    before = tmp_path / "before.json"
+    assert main(["diagnose", "--data", "sample", "--task", "product_review", "--reasoner", "tiny-small",
+                 "--generator", "tiny", "--limit", "2", "--lams", "[0, 0.5]", "--out", str(before)]) == 0
+    assert "| lambda=0.5 |" in capsys.readouterr().out
+    assert json.loads(before.read_text())["settings"]["records"] == 2
+    checkpoint = make_model(lam=0.5).save_pretrained(tmp_path / "ckpt")
+    assert main(["diagnose", "--data", "sample", "--task", "product_review", "--checkpoint", str(checkpoint),
+                 "--limit", "2"]) == 0
+    assert "signal off (lambda 0)" in capsys.readouterr().out

@@ -118,6 +118,42 @@ def diagnose(
     }
 
 
+@torch.no_grad()
+def signal_ablation(model: FlyThinker, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Does a *trained* FlyThinker use its reasoning signal? Target loss per token as trained,
+    and with the signal switched off (lambda 0, same weights); and the signal's mean norm per
+    position against the embedding rows'.
+
+    A gap near zero means the generator learned to do without the signal: whatever FlyThinker
+    scores then comes from its generator's fine-tuning alone.
+    """
+    model.eval()
+    fusion = model.fusion
+    totals = {"as trained": [0.0, 0], "signal off (lambda 0)": [0.0, 0]}
+    norms: list[float] = []
+    saved_scale = fusion.lam_scale
+    try:
+        for batch in batches:
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            tokens = int((labels[:, 1:] != -100).sum())
+            fusion.lam_scale = saved_scale
+            _add(totals["as trained"], float(token_cross_entropy_sum(model(ids, mask).logits, labels)), tokens)
+            position = position_ids_from_mask(mask)
+            h = model.reason(ids, mask, position).last_hidden_state
+            norms += model.reasoning_signal(h).float().norm(dim=-1)[mask.bool()].tolist()
+            fusion.lam_scale = 0.0
+            _add(totals["signal off (lambda 0)"], float(token_cross_entropy_sum(model(ids, mask).logits, labels)), tokens)
+    finally:
+        fusion.lam_scale = saved_scale
+    losses = {name: total / max(count, 1) for name, (total, count) in totals.items()}
+    return {
+        "target_loss": losses,
+        "signal_gain": losses["signal off (lambda 0)"] - losses["as trained"],
+        "signal_norm": sum(norms) / max(len(norms), 1),
+        "embedding_norm": float(model.target_norm()),
+    }
+
+
 def _target_loss(model, ids, mask, position, labels, signal) -> float:
     embeds = model.generator.get_input_embeddings()(ids)
     logits = model.generator(inputs_embeds=embeds + signal.to(embeds.dtype), attention_mask=mask,
@@ -157,6 +193,7 @@ def diagnose_command(
     batch_size: int = 4,
     seed: int = 0,
     out: str = "",
+    checkpoint: str = "",
 ) -> None:
     """Measure, before training, why a reasoner's vectors disturb a generator (see docs/method.md).
 
@@ -178,6 +215,9 @@ def diagnose_command(
         batch_size: Records per forward pass.
         seed: Seed of the random controls.
         out: Also write the result as JSON here.
+        checkpoint: A trained FlyThinker checkpoint instead: report its target loss as trained
+            and with the signal off (lambda 0, same weights), i.e. whether training made the
+            generator use the signal. --reasoner/--generator/--lams are then not used.
     """
     from flythinker.run import sample_data_path
 
@@ -187,18 +227,26 @@ def diagnose_command(
     records = list(load_longlamp(task, split, source=source, limit=limit))
     if not records:
         raise FlyThinkerError(f"{data}: split {split!r} has no records")
-    model = FlyThinker.from_config(FlyThinkerConfig(reasoner=reasoner, generator=generator, lam=1.0,
-                                                    fusion="pad", dtype="float32"))
+    if checkpoint:
+        model = FlyThinker.from_pretrained(checkpoint, dtype="float32")
+    else:
+        model = FlyThinker.from_config(FlyThinkerConfig(reasoner=reasoner, generator=generator, lam=1.0,
+                                                        fusion="pad", dtype="float32"))
     tokenizer = model.tokenizer
     assert tokenizer is not None
     examples = records_to_examples(records, tokenizer, "profile", budgets=budgets)
     encoded = [encode(tokenizer, e, budgets.prompt_tokens, budgets.target_tokens) for e in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = [collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
-    result = diagnose(model, batches, lams, control_lam, seed)
-    result["settings"] = {"data": data, "task": task, "split": split, "records": len(records),
-                          "reasoner": reasoner, "generator": generator, "budgets": budgets.__dict__}
-    print(format_diagnosis(result))
+    settings = {"data": data, "task": task, "split": split, "records": len(records), "budgets": budgets.__dict__}
+    if checkpoint:
+        result = signal_ablation(model, batches)
+        result["settings"] = {**settings, "checkpoint": checkpoint}
+        print(format_ablation(result))
+    else:
+        result = diagnose(model, batches, lams, control_lam, seed)
+        result["settings"] = {**settings, "reasoner": reasoner, "generator": generator}
+        print(format_diagnosis(result))
     if out:
         write_json(Path(out), result)
         print(f"written: {out}")
@@ -218,3 +266,9 @@ def format_diagnosis(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_ablation(result: dict[str, Any]) -> str:
+    lines = ["| trained model | target loss / token |", "| --- | --- |"]
+    lines += [f"| {name} | {loss:.4f} |" for name, loss in result["target_loss"].items()]
+    lines += ["", (f"the signal lowers the loss by {result['signal_gain']:+.4f} nats/token; its norm "
+                   f"{result['signal_norm']:.3f} vs embedding rows {result['embedding_norm']:.3f}")]
+    return "\n".join(lines)
