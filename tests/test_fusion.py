@@ -24,6 +24,7 @@ START_AT_SFT = {
     "vector gate": {"gate": "vector"},
     "zero projection": {"fusion": "linear", "projection_init": "zero"},
     "zero projection + gate": {"fusion": "linear", "projection_init": "zero", "gate": "scalar"},
+    "scaled zero projection": {"fusion": "linear", "projection_init": "zero", "projection_scale": 50.0},
 }
 
 
@@ -186,7 +187,9 @@ def test_gate_is_logged_while_training(make_model, tokenizer, tmp_path):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [({"gate": "half"}, "gate must be"), ({"lam_warmup": 1.5}, "lam_warmup"),
-     ({"projection_init": "zero"}, "needs fusion='linear'"), ({"gate_scale": 0}, "gate_scale")],
+     ({"projection_init": "zero"}, "needs fusion='linear'"), ({"gate_scale": 0}, "gate_scale"),
+     ({"fusion": "linear", "projection_scale": 0.0}, "projection_scale must be"),
+     ({"projection_scale": 10.0}, "projection_scale needs fusion='linear'")],
 )
 def test_bad_fusion_settings_name_the_field(fields, message):
     with pytest.raises(FlyThinkerError, match=message):
@@ -245,3 +248,16 @@ def test_a_zero_projection_is_logged_opening(make_model, tokenizer, tmp_path):
     train(model, tokenizer, copy_examples(8), config, save=False, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert 0 < rows[0]["projection_spectral_norm"] < rows[1]["projection_spectral_norm"]
+
+
+def test_projection_scale_opens_a_zero_projection_that_many_times_faster(make_model, tokenizer, tmp_path):
+    """AdamW's first update moves each stored entry by about lr whatever its gradient; stored
+    divided by a scale, the projection in force moves scale times as far."""
+    opened = {}
+    for scale in (1.0, 10.0):
+        model = make_model(lam=1.0, fusion="linear", projection_init="zero", projection_scale=scale)
+        config = TrainConfig(output_dir=str(tmp_path / str(scale)), max_steps=1, batch_size=4, lr=1e-3,
+                             weight_decay=0.0, warmup_ratio=0.0)
+        train(model, tokenizer, copy_examples(4), config, save=False, show_progress=False)
+        opened[scale] = model.fusion.projection_weight().detach()
+    assert float(opened[10.0].abs().max()) == pytest.approx(10 * float(opened[1.0].abs().max()), rel=1e-3)

@@ -153,10 +153,15 @@ def test_bad_run_configs_are_named(tmp_path, methods, message):
         small_config(tmp_path, methods)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "ablations").glob("*.yaml")),
-                         ids=lambda p: p.name)
+STUDY = REPO / "configs" / "studies" / "start_at_sft.yaml"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "ablations").glob("*.yaml"))
+                         + sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(path, capsys):
-    base = [] if path.parent.name == "configs" else ["--config", str(REPO / "configs" / "longlamp_qwen2.5-3b.yaml")]
+    # Ablations stack on the paper's setting, study stages on the study.
+    base = {"configs": [], "ablations": ["--config", str(REPO / "configs" / "longlamp_qwen2.5-3b.yaml")],
+            "studies": [] if path == STUDY else ["--config", str(STUDY)]}[path.parent.name]
     with pytest.raises(SystemExit) as exit_info:
         main(["run", *base, "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None)

@@ -69,6 +69,12 @@ class Fusion(nn.Module):
         """The lambda in force now: ``lam`` times the warm-up factor."""
         return self.config.lam * self.lam_scale
 
+    def projection_weight(self) -> torch.Tensor:
+        """The projection in force: the stored weight times ``projection_scale``."""
+        assert self.projection is not None
+        weight = self.projection.weight
+        return weight if self.config.projection_scale == 1.0 else weight * self.config.projection_scale
+
     def gate_value(self) -> torch.Tensor | None:
         return None if self.gate is None else self.gate * self.config.gate_scale
 
@@ -81,7 +87,7 @@ class Fusion(nn.Module):
         if self.projection is not None:
             # How far a zero-initialised projection has opened: its spectral norm bounds how much
             # it can scale the rescaled vector (norm = the embedding norm) on its way in.
-            values["projection_spectral_norm"] = float(torch.linalg.matrix_norm(self.projection.weight.detach().float(), ord=2))
+            values["projection_spectral_norm"] = float(torch.linalg.matrix_norm(self.projection_weight().detach().float(), ord=2))
         return values
 
     # ------------------------------------------------------------------ formula
@@ -97,7 +103,7 @@ class Fusion(nn.Module):
         if rescale_first and target_norm is not None:
             h = _rescale(h, target_norm)
         if self.projection is not None:
-            h = self.projection(h.to(self.projection.weight.dtype))
+            h = F.linear(h.to(self.projection.weight.dtype), self.projection_weight())
         elif h.shape[-1] < self.d_g:
             h = F.pad(h, (0, self.d_g - h.shape[-1]))
         if not rescale_first and target_norm is not None:

@@ -46,7 +46,7 @@ class MethodConfig:
             apart, e.g. "flythinker-lam2".
         generator: The generator (every method has one): local dir, built-in alias or hub id.
         reasoner: FlyThinker's reasoner, resolved the same way.
-        lam, fusion, rescale, lam_warmup, gate, gate_scale, projection_init, lora_rank,
+        lam, fusion, rescale, lam_warmup, gate, gate_scale, projection_init, projection_scale, lora_rank,
             lora_alpha, lora_targets: FlyThinker's settings, as documented on
             `flythinker.config.FlyThinkerConfig` (whose defaults these are).
         retriever: How rag (and the profile form, if set for it) ranks profile items: bm25,
@@ -66,6 +66,7 @@ class MethodConfig:
     lam_warmup: float = FlyThinkerConfig.lam_warmup
     gate: Gate = FlyThinkerConfig.gate
     gate_scale: float = FlyThinkerConfig.gate_scale
+    projection_scale: float = FlyThinkerConfig.projection_scale
     projection_init: ProjectionInit = FlyThinkerConfig.projection_init
     lora_rank: int = FlyThinkerConfig.lora_rank
     lora_alpha: float = FlyThinkerConfig.lora_alpha
