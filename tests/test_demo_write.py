@@ -159,3 +159,15 @@ def test_one_flythinker_training_step_on_the_real_model(tmp_path):
     assert result.steps == 1 and torch.isfinite(torch.tensor(result.losses)).all()
     assert not torch.equal(before, model.generator.model.layers[0].mlp.up_proj.weight)
     assert not torch.equal(r_before, model.reasoner.model.layers[0].mlp.up_proj.weight)
+
+
+def test_demo_flythinker_starts_at_sft_unless_asked_for_the_published_fusion():
+    from flythinker.demo import demo_config
+
+    def fly(config):
+        return next(m for m in config.methods if m.method == "flythinker")
+
+    default = fly(demo_config("out", True, "product_review", "sample", "tiny"))
+    assert (default.fusion, default.projection_init) == ("linear", "zero")
+    published = fly(demo_config("out", True, "product_review", "sample", "tiny", start_at_sft=False))
+    assert (published.fusion, published.projection_init) == ("pad", "random")
