@@ -1,4 +1,4 @@
-"""The method's invariants on the parallel (training) forward: DESIGN.md section 1."""
+"""The method's invariants on the parallel (training) forward (README, "The method, as implemented")."""
 
 from __future__ import annotations
 

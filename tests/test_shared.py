@@ -1,4 +1,4 @@
-"""FlyThinker-shared keeps every DESIGN.md invariant, and its 2B-row decode equals the two roles run apart."""
+"""FlyThinker-shared keeps every invariant of the method, and its 2B-row decode equals the two roles run apart."""
 
 from __future__ import annotations
 

@@ -1,10 +1,18 @@
-"""One-off script that built src/flythinker/assets/tiny_tokenizer (kept in tools/ for provenance)."""
+"""One-off script that built src/flythinker/assets/tiny_tokenizer (kept in tools/ for provenance).
+
+The shipped tokenizer was trained on two English design and data notes of this project; any few
+pages of English text give a byte-level BPE of the same kind:
+    python tools/make_tiny_tokenizer.py README.md docs/method.md
+"""
+import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-corpus = [Path("/work/shared/DESIGN.md").read_text(), Path("/work/shared/data/README.md").read_text()]
+if len(sys.argv) < 2:
+    sys.exit("usage: python tools/make_tiny_tokenizer.py TEXT_FILE [TEXT_FILE ...]")
+corpus = [Path(arg).read_text() for arg in sys.argv[1:]]
 tok = Tokenizer(models.BPE())
 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 tok.decoder = decoders.ByteLevel()

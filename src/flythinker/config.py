@@ -31,7 +31,7 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class FlyThinkerConfig:
-    """How the reasoner's vectors enter the generator (DESIGN.md section 1).
+    """How the reasoner's vectors enter the generator (README, "The method, as implemented").
 
     Attributes:
         reasoner: Reasoner model: a local directory, a built-in alias (see `flythinker.sources`)

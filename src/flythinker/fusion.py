@@ -92,7 +92,7 @@ class Fusion(nn.Module):
 
     # ------------------------------------------------------------------ formula
     def forward(self, h: torch.Tensor, target_norm: torch.Tensor | None) -> torch.Tensor:
-        """``lam * gate * rescale(h)`` in the generator's embedding space (DESIGN.md section 1).
+        """``lam * gate * rescale(h)`` in the generator's embedding space (README, "The method, as implemented").
 
         ``target_norm`` is the mean row norm of the generator's embedding table (None when
         ``rescale`` is off). A zero-initialised projection rescales ``h`` *before* projecting:

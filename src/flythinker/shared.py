@@ -1,7 +1,7 @@
 """FlyThinker-shared: the reasoner is the generator's own weights plus a LoRA adapter.
 
 One causal LM plays both roles. The reasoner role runs it with the adapter, the generator role
-without; DESIGN.md section 1 is otherwise unchanged (``reasoning_signal``, ``fused_embeddings`` and
+without; the method (README, "The method, as implemented") is otherwise unchanged (``reasoning_signal``, ``fused_embeddings`` and
 the training ``forward`` are FlyThinker's own). What changes is cost:
 
 - memory: one model plus an adapter, instead of two models;
