@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test test-fast wordnet clean
+.PHONY: demo demo-quick test test-fast wordnet browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,16 +23,26 @@ wordnet:
 	       $$SUDO apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null \
 	       || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null; }; }
 
+# Headless Chromium and its driver for the web page's browser test (tests/test_serve_browser.py),
+# from Debian's chromium and chromium-driver. Without them that test is skipped, so a failed
+# install only warns.
+browser:
+	@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } \
+	  || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	       $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null \
+	       || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }; } \
+	  || echo "make browser: could not install chromium and chromium-driver; the browser test will be skipped" >&2
+
 demo: $(STAMP) wordnet
 	$(BIN)/flythinker demo
 
 demo-quick: $(STAMP) wordnet
 	$(BIN)/flythinker demo --quick
 
-test: $(STAMP) wordnet
+test: $(STAMP) wordnet browser
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) wordnet
+test-fast: $(STAMP) wordnet browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
