@@ -5,6 +5,10 @@ Everything here is offline and deterministic: the same seed always builds the sa
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +59,25 @@ def parallel_logits_at_decoded_positions(model, prompt_batch, sequences):
         logits = model(ids, mask).logits
     start = prompt_batch.input_ids.shape[1] - 1
     return logits[:, start : start + sequences.shape[1]]
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """``app`` served by uvicorn in a thread on a free port; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other tests
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

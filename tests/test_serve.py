@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
@@ -17,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from conftest import live_server
 
 from flythinker.cli import main
 from flythinker.data.collate import encode_prompts
@@ -53,33 +51,20 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoints):
     app = create_app(str(checkpoints.flythinker), compare=str(checkpoints.sft))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other tests
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    flythinker = FlyThinker.from_pretrained(checkpoints.flythinker).eval()
-    yield SimpleNamespace(
-        url=url,
-        model=str(checkpoints.flythinker),
-        sft=str(checkpoints.sft),
-        client=openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0),
-        flythinker=flythinker,
-        tokenizer=flythinker.tokenizer,
-        lm=load_causal_lm(str(checkpoints.sft)).eval(),
-        # Loaded as the server loads it: from a model directory transformers may pick another
-        # tokenizer class than the one saved (Qwen2's for the tiny models).
-        sft_tokenizer=load_tokenizer(str(checkpoints.sft)),
-    )
-    uv.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with live_server(app) as url:
+        flythinker = FlyThinker.from_pretrained(checkpoints.flythinker).eval()
+        yield SimpleNamespace(
+            url=url,
+            model=str(checkpoints.flythinker),
+            sft=str(checkpoints.sft),
+            client=openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0),
+            flythinker=flythinker,
+            tokenizer=flythinker.tokenizer,
+            lm=load_causal_lm(str(checkpoints.sft)).eval(),
+            # Loaded as the server loads it: from a model directory transformers may pick another
+            # tokenizer class than the one saved (Qwen2's for the tiny models).
+            sft_tokenizer=load_tokenizer(str(checkpoints.sft)),
+        )
 
 
 def until_eos(ids: list[int], tokenizer) -> list[int]:

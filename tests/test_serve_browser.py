@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import live_server
 
 from flythinker.model import FlyThinker
 from flythinker.serve import create_app
@@ -55,25 +53,12 @@ def driver():
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    import uvicorn
-
     tokenizer = load_tokenizer("tiny")
     flythinker = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), tokenizer)
     checkpoint = flythinker.save_pretrained(tmp_path_factory.mktemp("serve_browser") / "flythinker")
     app = create_app(str(checkpoint))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with live_server(app) as url:
+        yield url
 
 
 def _backgrounds(driver) -> list[str]:

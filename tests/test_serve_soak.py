@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import live_server
 
 from flythinker.model import FlyThinker
 from flythinker.serve import create_app
@@ -59,25 +59,12 @@ KINDS = [
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    import uvicorn
-
     tokenizer = load_tokenizer("tiny")
     flythinker = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), tokenizer)
     checkpoint = flythinker.save_pretrained(tmp_path_factory.mktemp("serve_soak") / "flythinker")
     app = create_app(str(checkpoint), max_batch=8)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with live_server(app) as url:
+        yield url
 
 
 def rss_mib() -> float:
