@@ -320,8 +320,7 @@ def decode(
                 scores.append(logits)
             if reasoning is not None:
                 reasoning.append(decoder.reasoning())
-            history = torch.stack(tokens, dim=1) if tokens else None
-            token = torch.where(finished, pad_token_id, select(logits, history))
+            token = torch.where(finished, pad_token_id, select(logits, tokens))
             tokens.append(token)
             if on_token is not None:
                 on_token(token)
@@ -407,11 +406,11 @@ def _fit_context(limit: int | None, prompt_len: int, max_new_tokens: int) -> int
 
 def _token_selector(
     config: GenerationConfig, device: torch.device
-) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """``select(logits, generated)``: the next token of each row; ``generated`` holds the tokens
-    chosen so far (None at the first step), which the repetition controls look at. They look at
-    the generated text only, never the prompt: a profile's words are what personalised text should
-    reuse."""
+) -> Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]:
+    """``select(logits, generated)``: the next token of each row; ``generated`` holds the (batch,)
+    tokens chosen so far, which only the repetition controls read (stacked only when they are on,
+    so a plain decode step does no extra work). They look at the generated text only, never the
+    prompt: a profile's words are what personalised text should reuse."""
     penalties = LogitsProcessorList()
     if config.repetition_penalty != 1.0:
         penalties.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
@@ -420,7 +419,13 @@ def _token_selector(
     choose = _chooser(config, device)
     if not penalties:
         return lambda logits, generated: choose(logits)
-    return lambda logits, generated: choose(logits if generated is None else penalties(generated, logits.clone()))
+
+    def select(logits: torch.Tensor, generated: list[torch.Tensor]) -> torch.Tensor:
+        if generated:
+            logits = penalties(torch.stack(generated, dim=1), logits.clone())
+        return choose(logits)
+
+    return select
 
 
 def _chooser(config: GenerationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:

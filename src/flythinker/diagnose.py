@@ -85,7 +85,7 @@ def diagnose(
             totals.setdefault(f"lambda={lam:g}", [0.0, 0])
             _add(totals[f"lambda={lam:g}"], loss(lam * signal_unit), tokens)
         controls = {
-            "random": _shift(_rescale(_random_like(h, generator), norm_target, model.generator_width)),
+            "random": _shift(published(_random_like(h, generator), norm_target)),
             "centred": _shift(published(h - h[real].mean(0), norm_target)),
             "targets_only": signal_unit * (labels != -100)[..., None],
             "linear": _shift(linear(h, norm_target)),
@@ -137,10 +137,9 @@ def signal_ablation(model: FlyThinker, batches: Sequence[dict[str, torch.Tensor]
             ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
             tokens = int((labels[:, 1:] != -100).sum())
             fusion.lam_scale = saved_scale
-            _add(totals["as trained"], float(token_cross_entropy_sum(model(ids, mask).logits, labels)), tokens)
-            position = position_ids_from_mask(mask)
-            h = model.reason(ids, mask, position).last_hidden_state
-            norms += model.reasoning_signal(h).float().norm(dim=-1)[mask.bool()].tolist()
+            out = model(ids, mask)
+            _add(totals["as trained"], float(token_cross_entropy_sum(out.logits, labels)), tokens)
+            norms += model.reasoning_signal(out.reasoning).float().norm(dim=-1)[mask.bool()].tolist()
             fusion.lam_scale = 0.0
             _add(totals["signal off (lambda 0)"], float(token_cross_entropy_sum(model(ids, mask).logits, labels)), tokens)
     finally:
@@ -169,11 +168,6 @@ def _add(total: list[float], loss: float, tokens: int) -> None:
 def _shift(signal: torch.Tensor) -> torch.Tensor:
     """Position i gets the signal computed from h_{i-1}; position 0 none."""
     return F.pad(signal[:, :-1], (0, 0, 1, 0))
-
-
-def _rescale(h: torch.Tensor, norm: torch.Tensor, width: int) -> torch.Tensor:
-    h = F.pad(h, (0, max(width - h.shape[-1], 0)))[..., :width]
-    return h * (norm / h.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
 
 def _random_like(h: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
