@@ -20,6 +20,16 @@ from flythinker.sources import build_tiny, load_tokenizer
 # Small LongLaMP files in the hub's schema, one per task.
 LONGLAMP_FIXTURES = Path(__file__).parent / "fixtures" / "longlamp"
 
+# A user, a query and a prompt for the server's tests.
+SERVE_PROFILE = [
+    {"overall": 5.0, "summary": "Lovely mug", "description": "Ceramic Mug",
+     "reviewText": "I drink my tea from it every morning. It keeps the heat well."},
+    {"overall": 2.0, "summary": "Too dim", "description": "Desk Lamp",
+     "reviewText": "The light is weak. I returned it after a week."},
+]
+SERVE_QUERY = 'Generate the review text for a product with description "Kettle". The summary is "Fast."'
+SERVE_BLOCKER = "Write a review of the blue kettle."  # the tiny model writes no EOS for it
+
 PROMPTS = [
     "Write a review of the blue kettle.",
     "Hi",

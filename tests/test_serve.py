@@ -15,6 +15,9 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import SERVE_BLOCKER as BLOCKER
+from conftest import SERVE_PROFILE as PROFILE
+from conftest import SERVE_QUERY as QUERY
 from conftest import live_server
 
 from flythinker.cli import main
@@ -26,15 +29,6 @@ from flythinker.model import FlyThinker
 from flythinker.serve import ReleasedText, create_app, load_served_model
 from flythinker.shared import FlyThinkerShared
 from flythinker.sources import build_tiny, load_causal_lm, load_tokenizer
-
-PROFILE = [
-    {"overall": 5.0, "summary": "Lovely mug", "description": "Ceramic Mug",
-     "reviewText": "I drink my tea from it every morning. It keeps the heat well."},
-    {"overall": 2.0, "summary": "Too dim", "description": "Desk Lamp",
-     "reviewText": "The light is weak. I returned it after a week."},
-]
-BLOCKER = "Write a review of the blue kettle."
-QUERY = 'Generate the review text for a product with description "Kettle". The summary is "Fast."'
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import SERVE_BLOCKER as BLOCKER
+from conftest import SERVE_PROFILE as PROFILE
+from conftest import SERVE_QUERY as QUERY
 from conftest import live_server
 
 from flythinker.model import FlyThinker
 from flythinker.serve import create_app
 from flythinker.sources import build_tiny, load_tokenizer
 
-PROFILE = [
-    {"overall": 5.0, "summary": "Lovely mug", "description": "Ceramic Mug",
-     "reviewText": "I drink my tea from it every morning. It keeps the heat well."},
-    {"overall": 2.0, "summary": "Too dim", "description": "Desk Lamp",
-     "reviewText": "The light is weak. I returned it after a week."},
-]
-QUERY = 'Generate the review text for a product with description "Kettle". The summary is "Fast."'
-BLOCKER = "Write a review of the blue kettle."  # the tiny model writes no EOS for it
 GREEDY = {"prompt": "An abstract about sparse arrays, please.", "max_tokens": 16, "temperature": 0}
 WARM_UP, TOTAL, WORKERS = 40, 200, 8
 MAX_GROWTH_MIB = 50

@@ -92,7 +92,7 @@ def demo_command(
             exactly at SFT (the better of the two on real abstracts), or, with false, the
             published pad fusion, which starts and ends worse than SFT with a same-model pair.
     """
-    from flythinker.report import format_results
+    from flythinker.report import format_results, paired_rows
 
     start = time.perf_counter()
     out = out or ("runs/demo-quick" if quick else "runs/demo")
@@ -101,11 +101,12 @@ def demo_command(
     minutes = (time.perf_counter() - start) / 60
     run = Path(out)
     print()
-    print(format_results(results))
+    paired = paired_rows(results)  # one bootstrap, for the table and the closing lines
+    print(format_results(results, paired))
     print(f"\nfinished in {minutes:.1f} min: {config.tasks[0].eval_limit} held-out users, "
           f"{config.tasks[0].train_limit} training users, {model} fine-tuned for {config.training.epochs:g} "
           f"epoch(s). FlyThinker minus SFT on the same users (paired bootstrap, 95% interval):")
-    print("\n".join(comparison_lines(results)))
+    print("\n".join(comparison_lines(paired)))
     print(
         f"A few users on a CPU: the real-data study with intervals is docs/results/start_at_sft.md; "
         f"the paper's setting (Qwen2.5-3B-Instruct generator, 1.5B reasoner, LongLaMP, GPU) is {REPRODUCTION}.\n"
@@ -122,12 +123,10 @@ def demo_command(
 _HIGHER_IS_BETTER = {"rouge1": True, "rougeL": True, "meteor": True, "heldout_loss": False}
 
 
-def comparison_lines(results: dict) -> list[str]:
+def comparison_lines(paired: list[dict]) -> list[str]:
     """One line per compared quantity, saying in words what the numbers show and nothing more."""
-    from flythinker.report import paired_rows
-
     lines = []
-    for row in paired_rows(results):
+    for row in paired:
         higher = _HIGHER_IS_BETTER[row["metric"]]
         if row["interval"] == "overlaps":
             verdict = "no measurable difference"
