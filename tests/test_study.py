@@ -218,6 +218,27 @@ def test_report_pairs_every_trained_method_with_sft(tmp_path):
     assert "paired" in (tmp_path / "results.md").read_text().lower()
 
 
+def test_a_run_evaluated_on_test_also_reports_validation_loss_for_choosing_settings(tmp_path):
+    from dataclasses import replace
+
+    config = small_config(tmp_path, [MethodConfig(method="sft"), MethodConfig(method="non_personalized")])
+    config = replace(config, tasks=[replace(config.tasks[0], validation=3)])
+    results = run_experiment(config)["product_review"]
+    validation = results["sft"]["validation_loss"]
+    held_out_ids = [r.id for r in _load(config.tasks[0], "validation", 0)]
+    assert validation["per_sample"]["id"] == held_out_ids  # the carved records, not test's
+    assert validation["per_sample"]["id"] != results["sft"]["heldout_loss"]["per_sample"]["id"]
+    assert validation["per_token"] > 0 and validation["per_token"] != results["sft"]["heldout_loss"]["per_token"]
+    assert "validation_loss" not in results["non_personalized"]
+    assert json.loads((tmp_path / "product_review" / "sft" / "validation_loss.json").read_text()).keys() == set(held_out_ids)
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert "product_review validation loss" in header
+    with (tmp_path / "results.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert float(rows["sft"]["validation_loss"]) == pytest.approx(validation["per_token"])
+    assert rows["non_personalized"]["validation_loss"] == ""
+
+
 def test_signal_ablation_measures_what_the_signal_changes(make_model, diagnosis_batches):
     from flythinker.diagnose import signal_ablation
 

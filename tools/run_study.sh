@@ -9,12 +9,21 @@ FLYTHINKER=${FLYTHINKER:-.venv/bin/flythinker}
 STUDY=configs/studies/start_at_sft.yaml
 LR_DIR=${LR_DIR:-runs/study-lr}
 
-# 1. The learning rate: SFT's held-out loss on the validation split, one run per candidate.
-for lr in 5.0e-5 1.5e-4; do
-  "$FLYTHINKER" run --config "$STUDY" --config configs/studies/start_at_sft_lr.yaml \
-    --training.lr "$lr" --out "$LR_DIR/$lr"
-done
-LR=$(.venv/bin/python - "$LR_DIR" <<'PY'
+# 1. The learning rate: SFT's held-out loss on the validation split, one run per candidate. A choice
+#    already recorded (docs/results/start_at_sft/lr_choice.json, made by this step in an earlier
+#    session; the runs are deterministic) is reused instead of retraining both candidates.
+RECORDED=docs/results/start_at_sft/lr_choice.json
+if [ ! -f "$LR_DIR/choice.json" ] && [ -f "$RECORDED" ]; then
+  mkdir -p "$LR_DIR" && cp "$RECORDED" "$LR_DIR/choice.json"
+fi
+if [ -f "$LR_DIR/choice.json" ]; then
+  LR=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["lr"])' "$LR_DIR/choice.json")
+else
+  for lr in 5.0e-5 1.5e-4; do
+    "$FLYTHINKER" run --config "$STUDY" --config configs/studies/start_at_sft_lr.yaml \
+      --training.lr "$lr" --out "$LR_DIR/$lr"
+  done
+  LR=$(.venv/bin/python - "$LR_DIR" <<'PY'
 import json, sys
 from pathlib import Path
 losses = {}
@@ -24,10 +33,11 @@ best = min(losses, key=losses.get)
 Path(sys.argv[1], "choice.json").write_text(json.dumps({"validation_loss": losses, "lr": best}, indent=2) + "\n")
 print(best)
 PY
-)
+  )
+fi
 echo "== learning rate chosen on validation: $LR"
 
-# 2. Stage 1: SFT, the published fusion and the zero-initialised projection, both tasks.
+# 2. Stage 1 (configs/studies/stage1.yaml): SFT and the zero projection at scales 10 and 30, both tasks.
 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1.yaml --training.lr "$LR"
 # 3. Every other row (stage 1's rows are reused).
 "$FLYTHINKER" run --config "$STUDY" --training.lr "$LR"

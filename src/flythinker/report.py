@@ -69,7 +69,7 @@ def result_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for label, m in methods.items():
             row: dict[str, Any] = {"method": label, "task": task}
             row.update({k: m["metrics"][k] for k in QUALITY})
-            row.update(heldout_loss=(m.get("heldout_loss") or {}).get("per_token"))
+            row.update(heldout_loss=_loss(m, "heldout_loss"), validation_loss=_loss(m, "validation_loss"))
             row.update(n=m["n_samples"], n_empty=m["n_empty_predictions"])
             for key in EFFICIENCY:
                 value, base = m["efficiency"].get(key), baseline.get(key)
@@ -107,14 +107,19 @@ def format_results(results: dict[str, dict[str, Any]], paired: list[dict[str, An
     given); then an efficiency table."""
     tasks = list(results)
     labels = list(dict.fromkeys(label for methods in results.values() for label in methods))
-    head = ["method"] + [f"{t} {name}" for t in tasks for name in [*(LABELS[k] for k in QUALITY), "held-out loss"]]
+    # Only runs that carve a validation split get its column (where settings are chosen).
+    losses = ["heldout_loss"] + (["validation_loss"] if any(
+        _loss(m, "validation_loss") is not None for methods in results.values() for m in methods.values()) else [])
+    loss_names = {"heldout_loss": "held-out loss", "validation_loss": "validation loss"}
+    head = ["method"] + [f"{t} {name}" for t in tasks
+                         for name in [*(LABELS[k] for k in QUALITY), *(loss_names[k] for k in losses)]]
     lines = [_md_row(head), _md_row(["---"] * len(head))]
     for label in labels:
         cells = [label]
         for task in tasks:
             m = results[task].get(label)
             cells += [_fmt(m["metrics"][k] if m else None, k) for k in QUALITY]
-            cells.append(_fmt(((m or {}).get("heldout_loss") or {}).get("per_token"), "loss"))
+            cells += [_fmt(_loss(m, key), "loss") for key in losses]
         lines.append(_md_row(cells))
     paired = paired_rows(results) if paired is None else paired
     if paired:
@@ -144,6 +149,10 @@ def format_results(results: dict[str, dict[str, Any]], paired: list[dict[str, An
 TIMING_CAVEAT = ("Timings below: each method timed once, at a different moment, inside this run: indicative "
                  "only, not a speed comparison. For ratios measured side by side over repeats, with their "
                  "spread, use `flythinker bench`.")
+
+
+def _loss(metrics: dict[str, Any] | None, key: str) -> float | None:
+    return ((metrics or {}).get(key) or {}).get("per_token")
 
 
 def _md_row(cells: list[str]) -> str:

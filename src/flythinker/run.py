@@ -8,6 +8,8 @@ Layout of a run directory::
     <task>/<label>/train_stats.json  training time and samples (reused on rerun)
     <task>/<label>/predictions.jsonl one line per record, appended batch by batch
     <task>/<label>/metrics.json      that method's metrics
+    <task>/<label>/heldout_loss.json teacher-forced loss per evaluated record (validation_loss.json:
+                                     the same on the validation split, when the task carves one)
     metrics.json, results.csv, results.md, plots/*.png
 
 A rerun of the same command picks up where an interrupted one stopped: finished checkpoints are
@@ -35,6 +37,7 @@ PREDICTIONS = "predictions.jsonl"
 TRAIN_STATS = "train_stats.json"
 SETTINGS = "settings.json"
 HELDOUT_LOSS = "heldout_loss.json"
+VALIDATION_LOSS = "validation_loss.json"
 
 
 @dataclass
@@ -52,8 +55,9 @@ class TaskConfig:
         train_limit: Use only the first N training records (0: all).
         eval_limit: Evaluate only the first N records (0: all).
         validation: Hold out the last N records of train_split as the split named "validation"
-            (training then uses the rest): choose settings there with ``eval_split:
-            validation``, never on test.
+            (training then uses the rest). Choose settings there, never on test: either with
+            ``eval_split: validation``, or, evaluating on test, by the validation loss every
+            trained row then also reports (one training serves both the choice and the report).
     """
 
     task: str
@@ -146,10 +150,11 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     for task in config.tasks:
         train_records = _load(task, task.train_split, task.train_limit) if _any_trainable(config) else []
         eval_records = _load(task, task.eval_split, task.eval_limit)
+        validation_records = _load(task, "validation", 0) if _reports_validation(task) else []
         for method_config in config.methods:
             print(f"== {task.task} / {method_config.name}")
             results.setdefault(task.task, {})[method_config.name] = run_method(
-                config, task, method_config, train_records, eval_records
+                config, task, method_config, train_records, eval_records, validation_records
             )
             # After every row, not once at the end: a long study stopped part way (a session's
             # end) still leaves tables of everything it finished.
@@ -164,8 +169,10 @@ def run_method(
     method_config: MethodConfig,
     train_records: Sequence[LongLaMPRecord],
     eval_records: Sequence[LongLaMPRecord],
+    validation_records: Sequence[LongLaMPRecord] = (),
 ) -> dict[str, Any]:
-    """One row of the table: train (or reuse), predict what is missing, evaluate."""
+    """One row of the table: train (or reuse), predict what is missing, evaluate; for trained
+    rows, the teacher-forced loss on the evaluated records and on ``validation_records``."""
     work = Path(config.out) / task.task / method_config.name
     work.mkdir(parents=True, exist_ok=True)
     _claim(work, _settings(config, task, method_config))
@@ -189,20 +196,24 @@ def run_method(
     metrics["per_sample"]["id"] = [r.id for r in eval_records]
     if method.trainable and method.heldout_comparable:
         metrics["heldout_loss"] = heldout_loss(method, config, eval_records, work)
+        if validation_records:
+            metrics["validation_loss"] = heldout_loss(method, config, validation_records, work, VALIDATION_LOSS)
     metrics["efficiency"] = efficiency(rows, train_stats)
     metrics["method"] = to_plain(method_config)
     write_json(work / "metrics.json", metrics)
     return metrics
 
 
-def heldout_loss(method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path) -> dict[str, Any]:
-    """Teacher-forced loss per target token on the evaluated records (computed once, then read
-    back from ``heldout_loss.json``); per record too, for paired comparisons."""
-    path = work / HELDOUT_LOSS
+def heldout_loss(
+    method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path, file: str = HELDOUT_LOSS
+) -> dict[str, Any]:
+    """Teacher-forced loss per target token on ``records`` (computed once, then read back from
+    ``work/file``); per record too, for paired comparisons."""
+    path = work / file
     saved = json.loads(path.read_text()) if path.is_file() else {}
     todo = [r for r in records if r.id not in saved]
     if todo:
-        print(f"   held-out loss on {len(todo)} records", flush=True)
+        print(f"   {Path(file).stem.replace('_', ' ')} on {len(todo)} records", flush=True)
         saved.update({k: list(v) for k, v in method.target_losses(todo, config.training, config.decode_batch_size).items()})
         write_json(path, saved)
     pairs = [saved[r.id] for r in records]
@@ -335,6 +346,11 @@ def sample_data_path() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("flythinker") / "assets" / "sample_reviews.json"))
+
+
+def _reports_validation(task: TaskConfig) -> bool:
+    """A task that carves a validation split and is evaluated elsewhere reports both losses."""
+    return bool(task.validation) and task.eval_split != "validation"
 
 
 def _any_trainable(config: RunConfig) -> bool:
