@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from flythinker.bench import build_lm
-from flythinker.decoding import generate_plain
-from flythinker.prepack import prepack_linears
-from flythinker.shared import FlyThinkerShared
+from flythinker.commands.bench import build_lm
+from flythinker.model.decoding import generate_plain
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.prepack import prepack_linears
 
 NEVER = {"eos_token_id": -1, "pad_token_id": 0}
 
@@ -36,7 +36,7 @@ def main() -> None:
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 15
     torch.set_num_threads(threads)
     g = build_lm("qwen2.5-0.5b", torch.float32, torch.device("cpu"))
-    shared = FlyThinkerShared.from_model(copy.deepcopy(g)).eval()
+    shared = FlyThinker.shared(copy.deepcopy(g)).eval()
     prepack_linears(shared.generator.get_decoder(), rows=2)
     prepack_linears(shared.generator)
     prepack_linears(g)

@@ -37,7 +37,7 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...
 
 : > "$LOG"
 part environment 45 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
-  $PY -c 'import torch, transformers, peft, matplotlib; import flythinker.bench, flythinker.shared; \
+  $PY -c 'import torch, transformers, peft, matplotlib; import flythinker.commands.bench, flythinker.model.reasoners; \
 print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.device_count(), \
 \"transformers\", transformers.__version__, \"peft\", peft.__version__)'"
 
@@ -48,7 +48,7 @@ part tests-gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT
 
 part bench-3b-1.5b 250 "$PY" - "$OUT_DIR" <<'PYEOF'
 import sys
-from flythinker.bench import bench_command
+from flythinker.commands.bench import bench_command
 
 out = sys.argv[1]
 bench_command(

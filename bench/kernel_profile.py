@@ -19,10 +19,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flythinker.bench import build_lm
-from flythinker.decoding import generate_plain
-from flythinker.model import FlyThinker
-from flythinker.shared import FlyThinkerShared
+from flythinker.commands.bench import build_lm
+from flythinker.model.decoding import generate_plain
+from flythinker.model.flythinker import FlyThinker
 
 STEPS = 16
 PROMPT = 128
@@ -49,7 +48,7 @@ def main() -> None:
     g = build_lm(shape, dtype, device)
     ids = torch.randint(3, g.config.vocab_size, (1, PROMPT), device=device)
     rows = profile_separate(g, build_lm(r_shape, dtype, device, seed=1), ids)
-    shared = FlyThinkerShared.from_model(g).eval()  # wraps g's linears in place: after the others
+    shared = FlyThinker.shared(g).eval()  # wraps g's linears in place: after the others
     for graphs in (False, True):
         rows.append(profile_method(
             "flythinker-shared",
@@ -74,7 +73,7 @@ def profile_method(method: str, run, graphs: bool) -> dict:
     try:
         return _profile(method, run, graphs)
     except Exception as exc:  # noqa: BLE001 - one method's failure must not lose the others' rows
-        row = {"method": method, "steps": "graphs" if graphs else "eager", "error": f"{type(exc).__name__}: {exc}"}
+        row = {"method": method, "steps": "graph" if graphs else "dynamic", "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(row), flush=True)
         return row
 
@@ -86,7 +85,7 @@ def _profile(method: str, run, graphs: bool) -> dict:
         one, many = gpu_work(run, 1), gpu_work(run, STEPS + 1)
         samples.append([(b - a) / STEPS for a, b in zip(one, many)])
     kernels, busy, wall = (statistics.median(s[i] for s in samples) for i in range(3))
-    row = {"method": method, "steps": "graphs" if graphs else "eager", "kernels_per_token": round(kernels, 1),
+    row = {"method": method, "steps": "graph" if graphs else "dynamic", "kernels_per_token": round(kernels, 1),
            "gpu_busy_ms_per_token": round(busy, 3), "wall_ms_per_token": round(wall, 3),
            "gpu_busy_fraction": round(busy / wall, 3) if wall else None}
     print(json.dumps(row), flush=True)

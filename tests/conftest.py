@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flythinker.model import FlyThinker
-from flythinker.sources import build_tiny, load_tokenizer
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.sources import build_tiny, load_tokenizer
 
 # Small LongLaMP files in the hub's schema, one per task.
 LONGLAMP_FIXTURES = Path(__file__).parent / "fixtures" / "longlamp"

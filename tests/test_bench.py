@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from flythinker.bench import MEASURES, NO_RATIO
-from flythinker.cli import main
+from flythinker.commands.bench import MEASURES, NO_RATIO
+from flythinker.commands.cli import main
 
 METHODS = {"sft", "flythinker", "flythinker-shared", "cot", "coconut"}
 RESULT_KEYS = {"method", "overlap", "measure", "value", "unit", "ratio_to_sft", "floor_ratio", "steps"}
@@ -39,7 +39,7 @@ def test_bench_tiny_writes_json_and_png(tmp_path, restore_threads, capsys):
     assert payload["settings"]["generator"] == "tiny" and payload["machine"]["torch"] == torch.__version__
     rows = payload["results"]
     assert all(set(r) == RESULT_KEYS and r["method"] in METHODS and r["measure"] in MEASURES for r in rows)
-    assert {r["steps"] for r in rows} == {"eager"}  # no CUDA graphs on a CPU
+    assert {r["steps"] for r in rows} == {"dynamic"}  # no CUDA graphs on a CPU
     for method in ("sft", "flythinker", "flythinker-shared"):
         measured = {r["measure"] for r in rows if r["method"] == method}
         assert measured == set(MEASURES), method
@@ -62,10 +62,41 @@ def test_bench_tiny_writes_json_and_png(tmp_path, restore_threads, capsys):
 
 
 def test_graphs_on_a_cpu_are_refused(capsys):
-    assert main(["bench", "--shape", "tiny", "--device", "cpu", "--steps", "[graphs]"]) == 2
+    assert main(["bench", "--shape", "tiny", "--device", "cpu", "--steps", "[graph]"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
 def test_unknown_shape_is_named(capsys):
     assert main(["bench", "--shape", "qwen9-huge"]) == 2
     assert "unknown shape 'qwen9-huge'" in capsys.readouterr().err
+
+
+def test_the_bench_times_whatever_the_registry_supplies(tmp_path, restore_threads, monkeypatch):
+    """No method list of its own: a newly registered method's entries are timed against the
+    registry's baseline, and a method without a training step is noted, not silently skipped."""
+    from dataclasses import replace
+
+    from flythinker.methods import METHODS as REGISTRY
+    from flythinker.methods.sft import SFT
+
+    class Echo(SFT):  # decodes exactly as SFT: its ratios must come out near 1, its floors exactly 1
+        name, baseline = "echo", False
+
+        @classmethod
+        def bench_entries(cls, bench, floors):
+            return [replace(e, method=cls.name, baseline=False) for e in SFT.bench_entries(bench, floors)]
+
+        @classmethod
+        def bench_trainers(cls, bench):
+            return []
+
+    monkeypatch.setitem(REGISTRY, "echo", Echo)
+    out = tmp_path / "out.json"
+    assert main(["bench", "--shape", "tiny", "--device", "cpu", "--json", str(out), "--repeats", "1",
+                 "--new_tokens", "3", "--batch_new_tokens", "2", "--train_tokens", "16", "--threads", "1",
+                 "--rationale_tokens", "3"]) == 0
+    payload = json.loads(out.read_text())
+    echo = [r for r in payload["results"] if r["method"] == "echo"]
+    assert {r["measure"] for r in echo} == set(MEASURES) - {"train_step_s"}
+    assert all(r["floor_ratio"] == 1.0 for r in echo if r["measure"] not in NO_RATIO)
+    assert any(note.startswith("echo: training step not timed") for note in payload["settings"]["notes"])

@@ -8,7 +8,7 @@ from importlib.metadata import version
 
 import pytest
 
-from flythinker.cli import main
+from flythinker.commands.cli import main
 
 
 def test_version(capsys):
@@ -23,7 +23,7 @@ def test_help_names_the_command_as_users_type_it():
 
 
 def test_each_subcommand_summary_is_a_whole_sentence_and_listed_as_it_is():
-    from flythinker.cli import SUMMARIES, _commands
+    from flythinker.commands.cli import SUMMARIES, _commands
 
     commands = _commands()
     assert list(SUMMARIES) == list(commands)
@@ -34,7 +34,7 @@ def test_each_subcommand_summary_is_a_whole_sentence_and_listed_as_it_is():
 
 
 def test_top_level_help_does_not_load_torch():
-    code = ("import sys; from flythinker.cli import main; main(['--help']); "
+    code = ("import sys; from flythinker.commands.cli import main; main(['--help']); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr

@@ -32,8 +32,8 @@ from flythinker.methods.coconut import (
     generate_latent,
 )
 from flythinker.methods.cot import ANSWER_MARKER, RATIONALE_FILE, rationale_key, rationale_prompt
-from flythinker.sources import build_tiny
-from flythinker.train import train
+from flythinker.model.sources import build_tiny
+from flythinker.training.train import train
 
 LATENTS = 2
 NEW_TOKENS = 8

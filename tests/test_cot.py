@@ -13,7 +13,6 @@ from flythinker.config import GenerationConfig, TrainConfig
 from flythinker.data.collate import Encoded, collate, encode
 from flythinker.data.longlamp import AbstractItem, LongLaMPRecord
 from flythinker.data.prompts import PromptBudgets, records_to_examples
-from flythinker.decoding import GenerationOutput
 from flythinker.methods import base, cot
 from flythinker.methods.base import MethodConfig, RunContext
 from flythinker.methods.cot import (
@@ -26,6 +25,7 @@ from flythinker.methods.cot import (
     rationale_steps,
     split_answer,
 )
+from flythinker.model.decoding import GenerationOutput
 
 BUDGETS = PromptBudgets(profile_tokens=120, query_tokens=40, target_tokens=60)
 RATIONALE_TOKENS = 10

@@ -11,8 +11,8 @@ import torch
 from conftest import PROMPTS, parallel_logits_at_decoded_positions
 
 from flythinker.config import GenerationConfig
-from flythinker.decoding import generate, generate_plain
 from flythinker.errors import FlyThinkerError
+from flythinker.model.decoding import generate, generate_plain
 
 NEW_TOKENS = 12
 

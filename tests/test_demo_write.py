@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flythinker import sources
-from flythinker.cli import main
+from flythinker.commands.cli import main
 from flythinker.errors import FlyThinkerError
-from flythinker.model import FlyThinker
-from flythinker.sources import build_tiny
+from flythinker.model import sources
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.sources import build_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "examples" / "profile_reviews.json"
@@ -25,7 +25,7 @@ QUERY = 'Generate the review text for a product with description "Ceramic Mug". 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from flythinker.sources import load_tokenizer
+    from flythinker.model.sources import load_tokenizer
 
     model = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), load_tokenizer("tiny"))
     return model.save_pretrained(tmp_path_factory.mktemp("write") / "ckpt")
@@ -65,7 +65,7 @@ def test_write_shows_the_reasoning_lens_and_saves_html(checkpoint, tmp_path, cap
 
 
 def test_lens_reads_vectors_through_the_reasoners_own_head(checkpoint):
-    from flythinker.write import lens
+    from flythinker.commands.write import lens
 
     model = FlyThinker.from_pretrained(checkpoint)
     h = torch.randn(1, model.reasoner_width)
@@ -148,7 +148,7 @@ def test_converted_smollm2_matches_the_gguf_model():
 def test_one_flythinker_training_step_on_the_real_model(tmp_path):
     from flythinker.config import FlyThinkerConfig, TrainConfig
     from flythinker.data.collate import Example
-    from flythinker.train import train
+    from flythinker.training.train import train
 
     model = FlyThinker.from_config(FlyThinkerConfig(reasoner="smollm2-135m", generator="smollm2-135m"))
     before = model.generator.model.layers[0].mlp.up_proj.weight.detach().clone()
@@ -162,7 +162,7 @@ def test_one_flythinker_training_step_on_the_real_model(tmp_path):
 
 
 def test_demo_flythinker_starts_at_sft_unless_asked_for_the_published_fusion():
-    from flythinker.demo import demo_config
+    from flythinker.commands.demo import demo_config
 
     def fly(config):
         return next(m for m in config.methods if m.method == "flythinker")

@@ -139,8 +139,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 
 def weights_at_init(tmp_path: Path) -> dict[str, torch.Tensor]:
-    from flythinker.model import FlyThinker
-    from flythinker.sources import load_causal_lm
+    from flythinker.model.flythinker import FlyThinker
+    from flythinker.model.sources import load_causal_lm
 
     model = FlyThinker.from_models(load_causal_lm("tiny-small"), load_causal_lm("tiny"))
     model.save_pretrained(tmp_path / "init")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import LONGLAMP_FIXTURES as FIXTURES
 
-from flythinker.cli import main
+from flythinker.commands.cli import main
 from flythinker.data.longlamp import load_longlamp
 from flythinker.errors import FlyThinkerError
-from flythinker.evaluate import evaluate_command, read_predictions
+from flythinker.evaluation.metrics import evaluate_command, read_predictions
 
 REVIEWS = FIXTURES / "product_review.json"
 
@@ -173,7 +173,7 @@ def test_a_runs_own_metrics_json_is_never_replaced(tmp_path, references, capsys)
 
 
 def test_the_shipped_sample_is_a_reference_source(tmp_path):
-    from flythinker.run import sample_data_path
+    from flythinker.data.longlamp import sample_data_path
 
     records = load_longlamp("product_review", "test", sample_data_path(), limit=3)
     predictions = _write(tmp_path / "p.jsonl", [{"id": r.id, "prediction": r.target} for r in records])

@@ -13,9 +13,10 @@ from test_train import copy_examples
 
 from flythinker.config import FlyThinkerConfig, TrainConfig
 from flythinker.errors import FlyThinkerError
-from flythinker.fusion import Fusion, embedding_row_norm_mean, warmup_factor
-from flythinker.model import FlyThinker, position_ids_from_mask
-from flythinker.train import _Loop, train
+from flythinker.model.decoding import position_ids_from_mask
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.fusion import Fusion, embedding_row_norm_mean, warmup_factor
+from flythinker.training.train import _Loop, train
 
 # Each start-at-SFT option, as FlyThinkerConfig fields.
 START_AT_SFT = {

@@ -12,11 +12,11 @@ from conftest import parallel_logits_at_decoded_positions
 from test_shared import randomize_adapter
 
 from flythinker.config import GenerationConfig
-from flythinker.decoding import CausalLMDecoder, FlyThinkerDecoder, decode
 from flythinker.errors import FlyThinkerError
-from flythinker.graphs import SlotMask
-from flythinker.shared import FlyThinkerShared, SharedDecoder
-from flythinker.sources import build_tiny
+from flythinker.model.decoding import CausalLMDecoder, FlyThinkerDecoder, decode
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.graphs import SlotMask
+from flythinker.model.sources import build_tiny
 
 NEW_TOKENS = 10
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -28,8 +28,8 @@ def decoders(kind: str, make_model, tokenizer, steps: str, overlap: str = "none"
         return CausalLMDecoder(build_tiny(64, seed=2).eval().to(device), steps)
     if kind == "shared":
         torch.manual_seed(3)
-        model = randomize_adapter(FlyThinkerShared.from_model(build_tiny(64, seed=2), tokenizer, lam=1.0)).eval()
-        return SharedDecoder(model.to(device), steps)
+        model = randomize_adapter(FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lam=1.0)).eval()
+        return model.to(device).step_decoder(steps=steps)
     fusion, d_r = ("pad", 32) if kind == "flythinker-pad" else ("linear", 64)
     return FlyThinkerDecoder(make_model(lam=1.0, fusion=fusion, d_r=d_r, d_g=64).to(device), overlap, steps)
 

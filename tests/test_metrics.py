@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from flythinker import evaluate
 from flythinker.errors import FlyThinkerError
-from flythinker.evaluate import (
+from flythinker.evaluation import metrics as evaluate
+from flythinker.evaluation.metrics import (
     compute_metrics,
     corpus_bleu,
     load_wordnet,

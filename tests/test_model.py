@@ -10,8 +10,10 @@ import torch
 
 from flythinker.config import FlyThinkerConfig
 from flythinker.errors import FlyThinkerError
-from flythinker.model import FlyThinker, check_same_vocab, position_ids_from_mask
-from flythinker.sources import build_tiny
+from flythinker.model.decoding import position_ids_from_mask
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.reasoners import check_same_vocab
+from flythinker.model.sources import build_tiny
 
 
 def test_lambda_zero_gives_exactly_the_generators_logits(make_model, prompt_batch):

@@ -8,10 +8,16 @@ import pytest
 import torch
 from test_shared import randomize_adapter
 
-from flythinker.decoding import generate_plain
-from flythinker.prepack import MIN_PACKED_FEATURES, PackedLinear, prepack_available, prepack_linears
-from flythinker.shared import FlyThinkerShared, RoleLoRALinear
-from flythinker.sources import build_tiny
+from flythinker.model.adapter import RoleLoRALinear
+from flythinker.model.decoding import generate_plain
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.prepack import (
+    MIN_PACKED_FEATURES,
+    PackedLinear,
+    prepack_available,
+    prepack_linears,
+)
+from flythinker.model.sources import build_tiny
 
 pytestmark = pytest.mark.skipif(not prepack_available(torch.device("cpu")), reason="needs oneDNN")
 NEW_TOKENS = 8
@@ -33,7 +39,7 @@ def test_packed_plain_lm_decodes_the_same(prompt_batch):
 
 def test_packed_shared_variant_decodes_the_same(tokenizer, prompt_batch):
     torch.manual_seed(3)
-    plain = randomize_adapter(FlyThinkerShared.from_model(build_tiny(128, seed=2), tokenizer, lam=1.0)).eval()
+    plain = randomize_adapter(FlyThinker.shared(build_tiny(128, seed=2), tokenizer, lam=1.0)).eval()
     packed = copy.deepcopy(plain)
     assert prepack_linears(packed.generator.get_decoder(), rows=2) > 0
     prepack_linears(packed.generator)

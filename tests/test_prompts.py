@@ -20,7 +20,7 @@ from flythinker.data.prompts import (
 )
 from flythinker.data.retrieval import BM25Retriever, RecencyRetriever
 from flythinker.errors import FlyThinkerError
-from flythinker.sources import load_tokenizer
+from flythinker.model.sources import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from flythinker.data.collate import encode_chat, encode_prompts
-from flythinker.data.prompts import apply_chat
-from flythinker.model import FlyThinker
-from flythinker.sources import build_tiny, load_tokenizer
+from flythinker.data.collate import encode_prompts
+from flythinker.data.prompts import apply_chat, encode_chat
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.sources import build_tiny, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "python_usage.py"

@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 from test_distributed import ENV, log, max_difference, weights, write_pairs
 
-from flythinker.cli import main
+from flythinker.commands.cli import main
 
 STATE_EVERY = 3
 KILL_AFTER = "step-00000006"
@@ -176,7 +176,7 @@ def test_resume_refuses_other_settings_and_keeps_the_run(tmp_path, capsys):
 
 
 def test_state_plan_is_a_function_of_the_step():
-    from flythinker.steps import StepPlan
+    from flythinker.training.steps import StepPlan
 
     plan = StepPlan(
         examples=10, batch_size=2, processes=2, grad_accum=2, epochs=2, max_steps=0, seed=0

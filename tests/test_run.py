@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flythinker.cli import main
+from flythinker.commands.cli import main
+from flythinker.commands.run import RunConfig, TaskConfig, run_experiment
 from flythinker.config import GenerationConfig, TrainConfig
 from flythinker.data.prompts import PromptBudgets
 from flythinker.errors import FlyThinkerError
 from flythinker.methods import METHODS, MethodConfig
 from flythinker.methods.base import Method
-from flythinker.run import RunConfig, TaskConfig, run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -173,3 +173,30 @@ def test_a_training_output_dir_in_a_run_config_is_refused(tmp_path):
     with pytest.raises(FlyThinkerError, match="output_dir is chosen by the runner"):
         RunConfig(out=config.out, tasks=config.tasks, methods=config.methods,
                   training=TrainConfig(output_dir=str(tmp_path / "elsewhere")))
+
+
+@pytest.mark.parametrize(
+    ("row", "fragments"),
+    [({"lam": -1}, ["method row 'bad'", "lam (lambda) must be"]),  # our check, naming the row
+     ({"fusion": "sum"}, ['"fusion"', "sum"])],  # the parser's type check, naming field and value
+)
+def test_a_bad_value_in_a_later_row_of_the_yaml_fails_before_anything_trains(tmp_path, capsys, row, fragments):
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["methods"].append({"method": "flythinker", "label": "bad", **row})
+    config["out"] = str(tmp_path / "run")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(f in err for f in fragments), err
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [({"retriever": "grep"}, "unknown retriever 'grep'"), ({"k": 0}, "k must be"),
+     ({"latent_thoughts": 0}, "latent_thoughts must be"), ({"rationale_tokens": -3}, "rationale_tokens must be")],
+)
+def test_a_bad_baseline_setting_names_its_row(tmp_path, row, message):
+    with pytest.raises(FlyThinkerError, match=rf"method row 'odd': {message}"):
+        small_config(tmp_path, [MethodConfig(method="sft"), MethodConfig(method="rag", label="odd", **row)])

@@ -20,15 +20,14 @@ from conftest import SERVE_PROFILE as PROFILE
 from conftest import SERVE_QUERY as QUERY
 from conftest import live_server
 
-from flythinker.cli import main
+from flythinker.commands.cli import main
+from flythinker.commands.serve import ReleasedText, create_app, load_served_model
 from flythinker.data.collate import encode_prompts
 from flythinker.data.longlamp import parse_record
 from flythinker.data.prompts import PromptBudgets, apply_chat, build_prompt
-from flythinker.decoding import generate_plain
-from flythinker.model import FlyThinker
-from flythinker.serve import ReleasedText, create_app, load_served_model
-from flythinker.shared import FlyThinkerShared
-from flythinker.sources import build_tiny, load_causal_lm, load_tokenizer
+from flythinker.model.decoding import generate_plain
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.sources import build_tiny, load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +265,7 @@ def test_a_shared_checkpoint_serves_with_its_lens(tmp_path):
     from starlette.testclient import TestClient
 
     tokenizer = load_tokenizer("tiny")
-    path = FlyThinkerShared.from_model(build_tiny(64, seed=4), tokenizer, lora_rank=2).save_pretrained(tmp_path / "c")
+    path = FlyThinker.shared(build_tiny(64, seed=4), tokenizer, lora_rank=2).save_pretrained(tmp_path / "c")
     assert load_served_model(str(path)).kind == "flythinker-shared"
     with TestClient(create_app(str(path))) as client:
         body = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "lens_top": 2}).json()

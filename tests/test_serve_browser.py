@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import live_server
 
-from flythinker.model import FlyThinker
-from flythinker.serve import create_app
-from flythinker.sources import build_tiny, load_tokenizer
+from flythinker.commands.serve import create_app
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.sources import build_tiny, load_tokenizer
 
 PROFILE_FILE = Path(__file__).resolve().parents[1] / "examples" / "profile_reviews.json"
 QUERY = 'Generate the review text for a product with description "Kettle". The summary is "Fast."'

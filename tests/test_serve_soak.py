@@ -19,9 +19,9 @@ from conftest import SERVE_PROFILE as PROFILE
 from conftest import SERVE_QUERY as QUERY
 from conftest import live_server
 
-from flythinker.model import FlyThinker
-from flythinker.serve import create_app
-from flythinker.sources import build_tiny, load_tokenizer
+from flythinker.commands.serve import create_app
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.sources import build_tiny, load_tokenizer
 
 GREEDY = {"prompt": "An abstract about sparse arrays, please.", "max_tokens": 16, "temperature": 0}
 WARM_UP, TOTAL, WORKERS = 40, 200, 8

@@ -12,18 +12,23 @@ from peft import PeftModel
 from test_train import copy_examples
 
 from flythinker.config import FlyThinkerConfig, GenerationConfig, TrainConfig
-from flythinker.decoding import FlyThinkerDecoder, decode, generate_plain
 from flythinker.errors import FlyThinkerError
-from flythinker.model import FlyThinker, position_ids_from_mask
-from flythinker.shared import ADAPTER_DIR, FlyThinkerShared
-from flythinker.sources import build_tiny
-from flythinker.train import train
+from flythinker.model.decoding import (
+    FlyThinkerDecoder,
+    decode,
+    generate_plain,
+    position_ids_from_mask,
+)
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.reasoners import ADAPTER_DIR, AdapterReasoner
+from flythinker.model.sources import build_tiny
+from flythinker.training.train import train
 
 NEW_TOKENS = 10
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def randomize_adapter(model: FlyThinkerShared, seed: int = 5) -> FlyThinkerShared:
+def randomize_adapter(model: FlyThinker, seed: int = 5) -> FlyThinker:
     """B starts at zero (reasoner == generator); move it so the tests can see the adapter act."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -35,9 +40,9 @@ def randomize_adapter(model: FlyThinkerShared, seed: int = 5) -> FlyThinkerShare
 
 @pytest.fixture
 def make_shared(tokenizer):
-    def make(lam: float = 1.0, fusion: str = "pad") -> FlyThinkerShared:
+    def make(lam: float = 1.0, fusion: str = "pad") -> FlyThinker:
         torch.manual_seed(3)  # adapter A and the linear projection
-        model = FlyThinkerShared.from_model(build_tiny(64, seed=2), tokenizer, lam=lam, fusion=fusion)
+        model = FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lam=lam, fusion=fusion)
         return randomize_adapter(model).eval()
 
     return make
@@ -45,7 +50,7 @@ def make_shared(tokenizer):
 
 def test_lambda_zero_gives_exactly_the_base_generator(tokenizer, prompt_batch):
     base = build_tiny(64, seed=2).eval()
-    model = randomize_adapter(FlyThinkerShared.from_model(copy.deepcopy(base), tokenizer, lam=0.0)).eval()
+    model = randomize_adapter(FlyThinker.shared(copy.deepcopy(base), tokenizer, lam=0.0)).eval()
     ids, mask = prompt_batch.input_ids, prompt_batch.attention_mask
     with torch.no_grad():
         fused = model(ids, mask).logits
@@ -109,7 +114,7 @@ def test_checkpoint_holds_the_base_once_plus_a_peft_adapter(make_shared, prompt_
     assert json.loads((path / "flythinker_config.json").read_text())["reasoner"] == "shared"
 
     loaded = FlyThinker.from_pretrained(path).eval()  # the generic loader recognises the variant
-    assert isinstance(loaded, FlyThinkerShared)
+    assert isinstance(loaded.reasoner_component, AdapterReasoner)
     ids, mask = prompt_batch.input_ids, prompt_batch.attention_mask
     with torch.no_grad():
         before, after = model(ids, mask), loaded(ids, mask)
@@ -130,7 +135,7 @@ def test_an_adapter_of_another_rank_is_refused(make_shared, tmp_path):
     config = json.loads((path / "flythinker_config.json").read_text())
     (path / "flythinker_config.json").write_text(json.dumps({**config, "lora_rank": 4}))
     with pytest.raises(FlyThinkerError, match="lora_rank"):
-        FlyThinkerShared.from_pretrained(path)
+        FlyThinker.from_pretrained(path)
 
 
 def test_one_training_step_moves_the_adapter_and_the_generator(make_shared, tokenizer, tmp_path):
@@ -145,7 +150,7 @@ def test_one_training_step_moves_the_adapter_and_the_generator(make_shared, toke
 
 def test_from_config_builds_the_shared_variant():
     model = FlyThinker.from_config(FlyThinkerConfig(reasoner="shared", generator="tiny", lora_rank=4))
-    assert isinstance(model, FlyThinkerShared) and model.reasoner is model.generator
+    assert isinstance(model.reasoner_component, AdapterReasoner) and model.reasoner is model.generator
     assert model.generator.get_decoder().layers[0].self_attn.q_proj.lora_A.weight.shape[0] == 4
 
 
@@ -170,33 +175,33 @@ def test_batched_roles_on_cuda_give_the_cpu_tokens(make_shared, prompt_batch):
 
 
 def test_adapter_targets_choose_the_adapted_layers(tokenizer, prompt_batch, tmp_path):
-    model = FlyThinkerShared.from_model(build_tiny(64, seed=2), tokenizer, lora_targets=["q_proj", "v_proj"])
-    assert model.adapter_paths and {p.rsplit(".", 1)[-1] for p in model.adapter_paths} == {"q_proj", "v_proj"}
+    model = FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lora_targets=["q_proj", "v_proj"])
+    assert model.reasoner_component.paths and {p.rsplit(".", 1)[-1] for p in model.reasoner_component.paths} == {"q_proj", "v_proj"}
     randomize_adapter(model)
     model.save_pretrained(tmp_path / "ckpt")
-    loaded = FlyThinkerShared.from_pretrained(tmp_path / "ckpt")
-    assert set(loaded.adapter_state()) == set(model.adapter_state())
+    loaded = FlyThinker.from_pretrained(tmp_path / "ckpt")
+    assert set(loaded.reasoner_component.adapter_state()) == set(model.reasoner_component.adapter_state())
     with torch.no_grad():
         args = (prompt_batch.input_ids, prompt_batch.attention_mask)
         assert torch.equal(model(*args).logits, loaded(*args).logits)
     with pytest.raises(FlyThinkerError, match="lora_targets qq_proj name no linear layer"):
-        FlyThinkerShared.from_model(build_tiny(64, seed=2), tokenizer, lora_targets=["qq_proj"])
+        FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lora_targets=["qq_proj"])
 
 
 def test_write_decodes_a_shared_checkpoint_with_its_own_decoder(make_shared, tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
-    from flythinker import write
-    from flythinker.cli import main
-    from flythinker.shared import SharedDecoder
+    from flythinker.commands import write
+    from flythinker.commands.cli import main
+    from flythinker.model.decoding import SharedDecoder
 
     used = []
     real_decode = write.decode
     monkeypatch.setattr(write, "decode", lambda decoder, *a, **k: used.append(type(decoder)) or real_decode(decoder, *a, **k))
+    from flythinker.commands.write import read_profile
     from flythinker.data.collate import encode_prompts
     from flythinker.data.prompts import PromptBudgets, build_prompt
-    from flythinker.model import FlyThinker
-    from flythinker.write import read_profile
+    from flythinker.model.flythinker import FlyThinker
 
     profile = Path(__file__).resolve().parents[1] / "examples" / "profile_reviews.json"
     query = 'Generate the review text for a product with description "Ceramic Mug". The summary is "Lovely."'

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from test_run import small_config
 
+from flythinker.commands.run import TaskConfig, _load, run_experiment
 from flythinker.config import GenerationConfig
 from flythinker.data.collate import Example, collate, encode
-from flythinker.decoding import generate_plain
-from flythinker.diagnose import CONTROLS, diagnose
 from flythinker.errors import FlyThinkerError
+from flythinker.evaluation.diagnose import CONTROLS, diagnose
+from flythinker.evaluation.stats import paired_bootstrap
 from flythinker.methods import MethodConfig
-from flythinker.run import TaskConfig, _load, run_experiment
-from flythinker.stats import paired_bootstrap
+from flythinker.model.decoding import generate_plain
 
 # --------------------------------------------------------------------------- paired bootstrap
 
@@ -240,7 +240,7 @@ def test_a_run_evaluated_on_test_also_reports_validation_loss_for_choosing_setti
 
 
 def test_signal_ablation_measures_what_the_signal_changes(make_model, diagnosis_batches):
-    from flythinker.diagnose import signal_ablation
+    from flythinker.evaluation.diagnose import signal_ablation
 
     silent = signal_ablation(make_model(lam=0.0), diagnosis_batches)
     assert silent["signal_gain"] == 0.0 and silent["signal_norm"] == 0.0
@@ -254,7 +254,7 @@ def test_signal_ablation_measures_what_the_signal_changes(make_model, diagnosis_
 
 
 def test_diagnose_command_on_the_sample_before_and_after_training(tmp_path, capsys, make_model):
-    from flythinker.cli import main
+    from flythinker.commands.cli import main
 
     before = tmp_path / "before.json"
     assert main(["diagnose", "--data", "sample", "--task", "product_review", "--reasoner", "tiny-small",

@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from flythinker.cli import main
+from flythinker.commands.cli import main
 from flythinker.config import TrainConfig
 from flythinker.data.collate import Example, collate, encode
-from flythinker.model import FlyThinker
-from flythinker.train import train
+from flythinker.model.flythinker import FlyThinker
+from flythinker.training.train import train
 
 WORDS = ["apple", "river", "stone", "cloud", "light", "music", "paper", "garden", "window", "silver"]
 

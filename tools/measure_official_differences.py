@@ -25,7 +25,7 @@ from rouge_score import rouge_scorer, scoring
 
 from flythinker.data.longlamp import AbstractItem, ReviewItem, load_longlamp
 from flythinker.data.retrieval import BM25Retriever, retrieve
-from flythinker.evaluate import compute_metrics, load_wordnet, rouge_per_sample
+from flythinker.evaluation.metrics import compute_metrics, load_wordnet, rouge_per_sample
 
 SEEDS = range(5)
 

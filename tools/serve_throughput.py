@@ -21,7 +21,7 @@ import time
 import httpx
 import uvicorn
 
-from flythinker.serve import create_app
+from flythinker.commands.serve import create_app
 
 
 def start(checkpoint: str, max_batch: int) -> tuple[str, uvicorn.Server, threading.Thread]:

@@ -36,8 +36,8 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from flythinker.model import FlyThinker
-from flythinker.sources import build_tiny, load_tokenizer
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.sources import build_tiny, load_tokenizer
 
 
 def main() -> int:

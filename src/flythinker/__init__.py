@@ -12,14 +12,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "FlyThinker": "flythinker.model",
+    "FlyThinker": "flythinker.model.flythinker",
     "FlyThinkerConfig": "flythinker.config",
     "GenerationConfig": "flythinker.config",
     "TrainConfig": "flythinker.config",
-    "encode_chat": "flythinker.data.collate",
+    "encode_chat": "flythinker.data.prompts",
     "load_longlamp": "flythinker.data.longlamp",
-    "compute_metrics": "flythinker.evaluate",
-    "evaluate_texts": "flythinker.evaluate",
+    "compute_metrics": "flythinker.evaluation.metrics",
+    "evaluate_texts": "flythinker.evaluation.metrics",
     "FlyThinkerError": "flythinker.errors",
 }
 

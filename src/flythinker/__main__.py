@@ -5,6 +5,6 @@
 
 import sys
 
-from flythinker.cli import main
+from flythinker.commands.cli import main
 
 sys.exit(main())

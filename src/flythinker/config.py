@@ -24,21 +24,24 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 Schedule = Literal["cosine", "linear", "constant"]
 
 
-def _require(condition: bool, message: str) -> None:
+# `FlyThinkerConfig.reasoner` value that makes the generator its own reasoner (plus an adapter).
+SHARED_REASONER = "shared"
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise FlyThinkerError(message) unless ``condition``: the form of every config check."""
     if not condition:
         raise FlyThinkerError(message)
 
 
 @dataclass
-class FlyThinkerConfig:
-    """How the reasoner's vectors enter the generator (README, "The method, as implemented").
+class FlyThinkerSettings:
+    """How the reasoner's vectors enter the generator (README, "The method, as implemented"),
+    and the adapter of a shared reasoner: every knob of the method, defined once. A run's method
+    rows (`flythinker.methods.MethodConfig`) inherit these fields, so a new knob is one field here
+    (and its check below) plus the code that uses it.
 
     Attributes:
-        reasoner: Reasoner model: a local directory, a built-in alias (see `flythinker.sources`)
-            or a Hugging Face hub id. A saved checkpoint records it for provenance. "shared"
-            makes the reasoner the generator's own weights plus a LoRA adapter
-            (`flythinker.shared`): one model in memory, both roles read it once per step.
-        generator: Generator model, resolved the same way; its tokenizer is the one both share.
         lam: lambda, the weight of the reasoning vector in the generator's input. 0 recovers
             plain SFT exactly; the paper finds 0.2-2 beats SFT and 5 degrades. Published: 0.5.
         rescale: Scale each reasoning vector to the mean L2 norm of the generator's embedding
@@ -63,7 +66,6 @@ class FlyThinkerConfig:
             many times faster than the weights, for the reason gate_scale exists: a projection
             that starts at zero opens by about lr per entry per step, and at a fine-tuning lr it
             stays shut (measured: spectral norm 0.07 after 48 steps at 5e-5, docs/method.md).
-        dtype: Weight dtype of both models; float32 is what the exactness tests use.
         lora_rank: Rank of the reasoner's LoRA adapter when reasoner="shared".
         lora_alpha: LoRA scale numerator when reasoner="shared" (the update is alpha/rank * BA).
         lora_targets: Linear layers of each decoder block that get the adapter, by name (e.g.
@@ -72,8 +74,6 @@ class FlyThinkerConfig:
             layer itself; fewer targets decode faster and give the reasoner less room to differ.
     """
 
-    reasoner: str = "tiny"
-    generator: str = "tiny"
     lam: float = 0.5
     rescale: bool = True
     fusion: Fusion = "pad"
@@ -82,62 +82,85 @@ class FlyThinkerConfig:
     gate_scale: float = 100.0
     projection_init: ProjectionInit = "random"
     projection_scale: float = 1.0
-    dtype: DType = "float32"
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_targets: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             isinstance(self.lora_rank, int) and self.lora_rank >= 1,
             f"lora_rank must be an integer >= 1, got {self.lora_rank!r}",
         )
-        _require(
+        require(
             isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
             f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}",
         )
-        _require(
+        require(
             isinstance(self.lora_targets, list) and all(isinstance(t, str) and t for t in self.lora_targets),
             f"lora_targets must be a list of layer names, got {self.lora_targets!r}",
         )
-        _require(
+        require(
             isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0,
             f"lam (lambda) must be a finite number >= 0, got {self.lam!r}",
         )
-        _require(
+        require(
             self.fusion in ("pad", "linear"),
             f"fusion must be 'pad' or 'linear', got {self.fusion!r}",
         )
-        _require(
+        require(
             isinstance(self.lam_warmup, (int, float)) and 0 <= self.lam_warmup <= 1,
             f"lam_warmup must be a fraction of the steps in [0, 1], got {self.lam_warmup!r}",
         )
-        _require(
+        require(
             self.gate in ("none", "scalar", "vector"),
             f"gate must be 'none', 'scalar' or 'vector', got {self.gate!r}",
         )
-        _require(
+        require(
             isinstance(self.gate_scale, (int, float)) and math.isfinite(self.gate_scale) and self.gate_scale > 0,
             f"gate_scale must be a finite number > 0, got {self.gate_scale!r}",
         )
-        _require(
+        require(
             isinstance(self.projection_scale, (int, float)) and math.isfinite(self.projection_scale)
             and self.projection_scale > 0,
             f"projection_scale must be a finite number > 0, got {self.projection_scale!r}",
         )
-        _require(
+        require(
             self.projection_scale == 1.0 or self.fusion == "linear",
             "projection_scale needs fusion='linear' (pad fusion has no projection)",
         )
-        _require(
+        require(
             self.projection_init in ("random", "zero"),
             f"projection_init must be 'random' or 'zero', got {self.projection_init!r}",
         )
-        _require(
+        require(
             self.projection_init == "random" or self.fusion == "linear",
             "projection_init='zero' needs fusion='linear' (pad fusion has no projection)",
         )
-        _require(
+
+
+
+@dataclass
+class FlyThinkerConfig(FlyThinkerSettings):
+    """A FlyThinker model: which reasoner and generator, and the method's settings (inherited
+    from `FlyThinkerSettings`, documented there). Saved as ``flythinker_config.json``.
+
+    Attributes:
+        reasoner: Reasoner model: a local directory, a built-in alias (see `flythinker.model.sources`)
+            or a Hugging Face hub id. A saved checkpoint records it for provenance. "shared"
+            makes the reasoner the generator's own weights plus a LoRA adapter
+            (`flythinker.model.reasoners.AdapterReasoner`): one model in memory, both roles read it
+            once per step.
+        generator: Generator model, resolved the same way; its tokenizer is the one both share.
+        dtype: Weight dtype of both models; float32 is what the exactness tests use.
+    """
+
+    reasoner: str = "tiny"
+    generator: str = "tiny"
+    dtype: DType = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
             self.dtype in ("float32", "bfloat16", "float16"),
             f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}",
         )
@@ -191,22 +214,22 @@ class GenerationConfig:
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _require(
+        require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(
             math.isfinite(self.temperature) and self.temperature > 0,
             f"temperature must be > 0, got {self.temperature}",
         )
-        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        _require(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
-        _require(
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        require(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        require(
             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
             f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}",
         )
-        _require(
+        require(
             self.no_repeat_ngram_size >= 0,
             f"no_repeat_ngram_size must be >= 0 (0 disables it), got {self.no_repeat_ngram_size}",
         )
-        _require(
+        require(
             self.overlap in ("none", "streams", "devices"),
             f"overlap must be none, streams or devices, got {self.overlap!r}",
         )
@@ -272,32 +295,32 @@ class TrainConfig:
     resume: bool = True
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             math.isfinite(self.epochs) and self.epochs > 0,
             f"epochs must be a finite number > 0, got {self.epochs}",
         )
-        _require(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
-        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _require(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        _require(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _require(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        _require(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
-        _require(self.max_target_tokens >= 1, "max_target_tokens must be >= 1")
-        _require(
+        require(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        require(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
+        require(self.max_target_tokens >= 1, "max_target_tokens must be >= 1")
+        require(
             math.isfinite(self.weight_decay) and self.weight_decay >= 0,
             f"weight_decay must be >= 0, got {self.weight_decay}",
         )
-        _require(
+        require(
             math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
             f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}",
         )
-        _require(
+        require(
             self.mixed_precision in (None, "no", "bf16", "fp16"),
             f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}",
         )
-        _require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        _require(self.save_every >= 0, f"save_every must be >= 0 (0 saves no states), got {self.save_every}")
-        _require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        require(self.save_every >= 0, f"save_every must be >= 0 (0 saves no states), got {self.save_every}")
+        require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
 
 
 def from_dict(cls: type, raw: Any, source: str = "config") -> Any:
@@ -316,6 +339,7 @@ def from_dict(cls: type, raw: Any, source: str = "config") -> Any:
 
 __all__ = [
     "FlyThinkerConfig",
+    "FlyThinkerSettings",
     "GenerationConfig",
     "TrainConfig",
     "from_dict",

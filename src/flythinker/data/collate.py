@@ -70,7 +70,7 @@ def encode_prompts(
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch for generation, each prompt cut to its last ``max_prompt_tokens``.
 
-    The prompts are used verbatim: already rendered text (`encode_chat` renders chat messages).
+    The prompts are used verbatim: already rendered text (`flythinker.data.prompts.encode_chat` renders chat messages).
     """
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
     empty = [i for i, row in enumerate(ids) if not row]
@@ -82,19 +82,6 @@ def encode_prompts(
         for k, v in collate([Encoded(row, [-100] * len(row)) for row in ids], pad).items()
         if k != "labels"
     }
-
-
-def encode_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[str], max_prompt_tokens: int,
-    system_prompt: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Left-padded batch of user messages rendered the way the runner and the demo render their
-    training prompts: the tokenizer's chat template with the assistant turn opened. Use this, not
-    `encode_prompts` on the bare text, to prompt a chat model: without the template an
-    instruction-tuned model often ends its turn at once."""
-    from flythinker.data.prompts import apply_chat
-
-    return encode_prompts(tokenizer, [apply_chat(tokenizer, m, system_prompt) for m in messages], max_prompt_tokens)
 
 
 def read_prompt_target_jsonl(path: str | Path) -> list[Example]:

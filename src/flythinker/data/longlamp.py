@@ -510,3 +510,10 @@ def load_longlamp(
     if not records:
         raise FlyThinkerError(f"{origin}: no valid {task} records in split {split!r}")
     return result
+
+
+def sample_data_path() -> Path:
+    """The shipped sample (see tools/make_sample_reviews.py): product_review schema, train/test."""
+    from importlib import resources
+
+    return Path(str(resources.files("flythinker") / "assets" / "sample_reviews.json"))

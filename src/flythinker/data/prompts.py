@@ -18,11 +18,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from flythinker.data.collate import Example
+from flythinker.data.collate import Example, encode_prompts
 from flythinker.data.longlamp import (
     AbstractItem,
     LongLaMPRecord,
@@ -32,6 +32,9 @@ from flythinker.data.longlamp import (
 )
 from flythinker.data.retrieval import BM25Retriever, Retriever, retrieve
 from flythinker.errors import FlyThinkerError
+
+if TYPE_CHECKING:
+    import torch
 
 PromptStyle = Literal["profile", "rag", "query"]
 STYLES: tuple[str, ...] = ("profile", "rag", "query")
@@ -316,3 +319,14 @@ def records_to_examples(
             target = truncate_to_tokens(target, tokenizer, budgets.target_tokens)
         examples.append(Example(id=record.id, prompt=prompt, target=target))
     return examples
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[str], max_prompt_tokens: int,
+    system_prompt: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded batch of user messages rendered the way the runner and the demo render their
+    training prompts: the tokenizer's chat template with the assistant turn opened. Use this, not
+    `encode_prompts` on the bare text, to prompt a chat model: without the template an
+    instruction-tuned model often ends its turn at once."""
+    return encode_prompts(tokenizer, [apply_chat(tokenizer, m, system_prompt) for m in messages], max_prompt_tokens)

@@ -2,7 +2,7 @@
 
 A method knows three things: how to build its model (fresh, or from its own checkpoint), how to
 turn a LongLaMP record into a prompt (and a training target), and how to decode a batch. The
-shared parts — batching, timing, prediction rows, training through `flythinker.train.train` —
+shared parts — batching, timing, prediction rows, training through `flythinker.training.train.train` —
 live here once.
 """
 
@@ -20,35 +20,38 @@ from transformers import PreTrainedTokenizerBase
 
 from flythinker.config import (
     FlyThinkerConfig,
-    Fusion,
-    Gate,
+    FlyThinkerSettings,
     GenerationConfig,
-    ProjectionInit,
     TrainConfig,
+    require,
 )
 from flythinker.data.collate import Example, collate, encode, encode_prompts
 from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.data.prompts import PromptBudgets, PromptStyle, records_to_examples
-from flythinker.data.retrieval import make_retriever
-from flythinker.decoding import GenerationOutput
+from flythinker.data.retrieval import RETRIEVERS, make_retriever
 from flythinker.errors import FlyThinkerError
-from flythinker.model import position_ids_from_mask
-from flythinker.train import TrainResult, token_cross_entropy_sum, train
+from flythinker.methods.costs import BenchContext, BenchEntry, BenchTrainer, Floors
+from flythinker.model.decoding import GenerationOutput, position_ids_from_mask
+from flythinker.training.train import TrainResult, token_cross_entropy_sum, train
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(FlyThinkerSettings):
     """One row of the comparison: a method and its settings.
+
+    FlyThinker's knobs (lam, fusion, rescale, lam_warmup, gate, gate_scale, projection_init,
+    projection_scale, lora_rank, lora_alpha, lora_targets) are inherited from
+    `flythinker.config.FlyThinkerSettings`, with its defaults and its checks, so a bad value in
+    any row fails when the run config is loaded, before the first row trains. Rows of other
+    methods leave them at their defaults.
 
     Attributes:
         method: non_personalized, rag, sft, cot, coconut or flythinker.
         label: Name of the row in results (default: the method name); set it to tell ablations
             apart, e.g. "flythinker-lam2".
         generator: The generator (every method has one): local dir, built-in alias or hub id.
-        reasoner: FlyThinker's reasoner, resolved the same way.
-        lam, fusion, rescale, lam_warmup, gate, gate_scale, projection_init, projection_scale, lora_rank,
-            lora_alpha, lora_targets: FlyThinker's settings, as documented on
-            `flythinker.config.FlyThinkerConfig` (whose defaults these are).
+        reasoner: FlyThinker's reasoner, resolved the same way ("shared": the generator plus a
+            LoRA adapter).
         retriever: How rag (and the profile form, if set for it) ranks profile items: bm25,
             recency, random or dense.
         k: Profile items in the rag prompt.
@@ -56,34 +59,34 @@ class MethodConfig:
         rationale_tokens: CoT/Coconut: longest rationale generated per training record.
     """
 
-    method: str
-    label: str | None = None
-    generator: str = "tiny"
-    reasoner: str = "tiny-small"
-    lam: float = FlyThinkerConfig.lam
-    fusion: Fusion = FlyThinkerConfig.fusion
-    rescale: bool = FlyThinkerConfig.rescale
-    lam_warmup: float = FlyThinkerConfig.lam_warmup
-    gate: Gate = FlyThinkerConfig.gate
-    gate_scale: float = FlyThinkerConfig.gate_scale
-    projection_scale: float = FlyThinkerConfig.projection_scale
-    projection_init: ProjectionInit = FlyThinkerConfig.projection_init
-    lora_rank: int = FlyThinkerConfig.lora_rank
-    lora_alpha: float = FlyThinkerConfig.lora_alpha
-    lora_targets: list[str] = field(default_factory=list)
-    retriever: str = "bm25"
-    k: int = 4
-    latent_thoughts: int = 2
-    rationale_tokens: int = 64
+    # Keyword-only: they follow the inherited fields, which all have defaults.
+    method: str = field(kw_only=True)
+    label: str | None = field(default=None, kw_only=True)
+    generator: str = field(default="tiny", kw_only=True)
+    reasoner: str = field(default="tiny-small", kw_only=True)
+    retriever: str = field(default="bm25", kw_only=True)
+    k: int = field(default=4, kw_only=True)
+    latent_thoughts: int = field(default=2, kw_only=True)
+    rationale_tokens: int = field(default=64, kw_only=True)
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+            require(self.retriever in RETRIEVERS, f"unknown retriever {self.retriever!r}; choose one of {', '.join(RETRIEVERS)}")
+            for name in ("k", "latent_thoughts", "rationale_tokens"):
+                value = getattr(self, name)
+                require(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        except FlyThinkerError as exc:
+            raise FlyThinkerError(f"method row {self.name!r}: {exc}") from None
 
     @property
     def name(self) -> str:
         return self.label or self.method
 
     def flythinker_config(self, dtype: str) -> FlyThinkerConfig:
-        """The FlyThinkerConfig of this row: every field the two share, validated there."""
-        shared = {f.name for f in fields(FlyThinkerConfig)} & {f.name for f in fields(self)}
-        return FlyThinkerConfig(**{name: getattr(self, name) for name in shared}, dtype=dtype)  # type: ignore[arg-type]
+        """The FlyThinkerConfig of this row: its models, dtype and every inherited knob."""
+        knobs = {f.name: getattr(self, f.name) for f in fields(FlyThinkerSettings)}
+        return FlyThinkerConfig(**knobs, reasoner=self.reasoner, generator=self.generator, dtype=dtype)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -116,16 +119,25 @@ class Method(ABC):
     name: ClassVar[str]
     style: ClassVar[PromptStyle] = "profile"
     trainable: ClassVar[bool] = False
+    baseline: ClassVar[bool] = False  # the method every other row is compared with (SFT, as in the paper)
 
     def __init__(self, config: MethodConfig, context: RunContext) -> None:
         self.config = config
         self.context = context
         self.tokenizer: PreTrainedTokenizerBase | None = None
 
+    # --- benchmark -----------------------------------------------------------------------
     @classmethod
-    def check(cls, config: MethodConfig) -> None:
-        """Raise FlyThinkerError for settings this method cannot run, before any row trains:
-        a typo in the fifth row of a study must not surface an hour into it."""
+    def bench_entries(cls, bench: BenchContext, floors: Floors) -> list[BenchEntry]:
+        """The ways this method decodes, for `flythinker bench`: one entry per mode it has.
+        None by default: a method that decodes as another one does (a prompt-only baseline
+        decodes as SFT) adds nothing to time."""
+        return []
+
+    @classmethod
+    def bench_trainers(cls, bench: BenchContext) -> list[BenchTrainer]:
+        """What this method's training step runs, for `flythinker bench` (none: not timed)."""
+        return []
 
     # --- model ---------------------------------------------------------------------------
     @abstractmethod

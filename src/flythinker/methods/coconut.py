@@ -49,13 +49,19 @@ from transformers.modeling_outputs import CausalLMOutput
 from flythinker.config import GenerationConfig, TrainConfig
 from flythinker.data.collate import Encoded, Example
 from flythinker.data.longlamp import LongLaMPRecord
-from flythinker.decoding import GenerationOutput, StepDecoder, cache_kwargs, decode
 from flythinker.errors import FlyThinkerError
 from flythinker.io import append_jsonl
+from flythinker.methods.costs import NEVER_STOP, BenchEntry
 from flythinker.methods.cot import cot_target, method_rationales, rationale_steps
 from flythinker.methods.lm import LMMethod
-from flythinker.model import position_ids_from_mask
-from flythinker.train import LOG_NAME, TrainResult, save_checkpoint, train
+from flythinker.model.decoding import (
+    GenerationOutput,
+    StepDecoder,
+    cache_kwargs,
+    decode,
+    position_ids_from_mask,
+)
+from flythinker.training.train import LOG_NAME, TrainResult, save_checkpoint, train
 
 log = logging.getLogger(__name__)
 
@@ -404,11 +410,34 @@ def _warn_eager_once() -> None:
 # --------------------------------------------------------------------------- the method
 
 
+# The thought markers without a tokenizer, for the benchmark: "<thought>" and "</thought>" are about
+# three tokens each; which ids they are does not change the cost.
+SHAPE_THOUGHT_MARKERS = ThoughtMarkers(begin=(3, 4, 5), end=(6, 4, 5))
+
+
 class Coconut(LMMethod):
     name = "coconut"
     style = "profile"
     trainable = True
     heldout_comparable = False  # its training targets put rationale steps or latent thoughts before the answer
+
+
+    @classmethod
+    def bench_entries(cls, bench, floors):
+        """Feeds ``latent_thoughts`` hidden states back between its thought markers, then answers;
+        dynamic steps only (its latent passes have no static-cache path). Its training step is not
+        timed: the curriculum's stages run k+1 sequential passes, not one comparable step."""
+        if "dynamic" not in bench.steps:
+            return []
+        g, latents = bench.generator, bench.latent_thoughts
+        thought_tokens = latents + len(SHAPE_THOUGHT_MARKERS.begin) + len(SHAPE_THOUGHT_MARKERS.end)
+
+        def run(ids, mask, n, on_token):
+            with torch.no_grad():
+                return decode(LatentThoughtDecoder(g, SHAPE_THOUGHT_MARKERS, latents), ids, mask,
+                              GenerationConfig(max_new_tokens=n), on_token=on_token, **NEVER_STOP)
+
+        return [BenchEntry(cls.name, None, [g], run, floors.thinking(thought_tokens, bench.prompt_tokens), batched=False)]
 
     def build(self, checkpoint: Path | None = None) -> None:
         super().build(checkpoint)

@@ -22,6 +22,7 @@ the answer as a whole, as the model chose to skip its analysis. Coconut
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -42,9 +43,10 @@ from flythinker.data.prompts import (
     profile_user_message,
     sentence_boundaries,
 )
-from flythinker.decoding import GenerationOutput, generate_plain
 from flythinker.io import append_jsonl
+from flythinker.methods.costs import GRAPH, NEVER_STOP, BenchEntry, BenchTrainer, module_bytes
 from flythinker.methods.lm import LMMethod
+from flythinker.model.decoding import GenerationOutput, generate_plain
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +225,37 @@ class CoT(LMMethod):
     style = "profile"
     trainable = True
     heldout_comparable = False  # its training targets put a rationale before the answer
+
+
+    @classmethod
+    def bench_entries(cls, bench, floors):
+        """Decoded as SFT is, ``rationale_tokens`` tokens before its first answer token (a fixed
+        count: random weights cannot be trusted to write the answer marker); its time to first
+        token is to that answer token."""
+        g, rationale = bench.generator, bench.rationale_tokens
+
+        def run(ids, mask, n, on_token, graphs):
+            seen = [0]
+
+            def answer_tokens_only(token):
+                seen[0] += 1
+                if seen[0] > rationale:
+                    on_token(token)
+
+            return generate_plain(g, ids, mask, max_new_tokens=rationale + n, on_token=answer_tokens_only,
+                                  cuda_graphs=graphs, **NEVER_STOP)
+
+        return [
+            BenchEntry(cls.name, None, [g], lambda ids, mask, n, cb, graphs=steps == GRAPH: run(ids, mask, n, cb, graphs),
+                       floors.thinking(rationale, bench.prompt_tokens), steps, batched=False)
+            for steps in bench.steps
+        ]
+
+    @classmethod
+    def bench_trainers(cls, bench):
+        """SFT on rationale + answer: SFT's step on longer sequences."""
+        g = bench.generator
+        return [BenchTrainer(cls.name, lambda: copy.deepcopy(g), module_bytes(g), extra_tokens=bench.rationale_tokens)]
 
     def examples(self, records: Sequence[LongLaMPRecord], for_training: bool) -> list[Example]:
         examples = super().examples(records, for_training)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from flythinker.decoding import generate_plain
 from flythinker.methods.base import Method
-from flythinker.sources import load_causal_lm, load_tokenizer
+from flythinker.model.decoding import generate_plain
+from flythinker.model.sources import load_causal_lm, load_tokenizer
 
 
 class LMMethod(Method):

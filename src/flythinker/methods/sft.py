@@ -3,10 +3,31 @@
 FlyThinker with lambda 0 is exactly this model; the paper's main comparison.
 """
 
+from __future__ import annotations
+
+import copy
+
+from flythinker.methods.costs import GRAPH, NEVER_STOP, BenchEntry, BenchTrainer, module_bytes
 from flythinker.methods.lm import LMMethod
+from flythinker.model.decoding import generate_plain
 
 
 class SFT(LMMethod):
     name = "sft"
     style = "profile"
     trainable = True
+    baseline = True
+
+    @classmethod
+    def bench_entries(cls, bench, floors):
+        g = bench.generator
+        return [
+            BenchEntry(cls.name, None, [g], lambda ids, mask, n, on_token, graphs=steps == GRAPH: generate_plain(
+                g, ids, mask, max_new_tokens=n, on_token=on_token, cuda_graphs=graphs, **NEVER_STOP),
+                floors.relative(), steps, baseline=True)
+            for steps in bench.steps
+        ]
+
+    @classmethod
+    def bench_trainers(cls, bench):
+        return [BenchTrainer(cls.name, lambda: copy.deepcopy(bench.generator), module_bytes(bench.generator))]

@@ -523,7 +523,7 @@ def evaluate_command(
     if task is not None and references is None:
         raise FlyThinkerError("--task names the task of --references; pass --references PATH (or 'sample') with it")
     if references == "sample":
-        from flythinker.run import sample_data_path
+        from flythinker.data.longlamp import sample_data_path
 
         if task not in (None, "product_review"):
             raise FlyThinkerError(f"the shipped sample is product_review, not {task}")

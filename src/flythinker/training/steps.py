@@ -7,7 +7,7 @@ consumed, with no sampler or iterator state to save.
 One optimizer step consumes the next ``global_batch = batch_size * processes * grad_accum``
 examples of the epoch's shuffled order (the last step of an epoch takes what is left). Those are
 dealt into ``grad_accum`` micro-batches and each micro-batch across the processes. Because the
-loss is normalised by the labelled tokens of the whole step (see `flythinker.train`), how the
+loss is normalised by the labelled tokens of the whole step (see `flythinker.training.train`), how the
 step is split does not change the update: 2 processes x 2 examples give the same weights as
 1 process x 4 examples, up to float summation order.
 """

@@ -3,7 +3,7 @@
 At position i the generator reads ``e_G(s_i) + lam * rescale(h_{i-1})`` where ``h_{i-1}`` is the
 reasoner's final (post-norm) hidden state after reading ``s_0..s_{i-1}``. No reasoning vector
 depends on an earlier one, so training is one parallel pass per model (this file) and decoding
-runs both models side by side (`flythinker.decoding`).
+runs both models side by side (`flythinker.model.decoding`).
 
 The reasoner's LM head is not on the loss path: it receives no gradient and stays as loaded,
 except where it is tied to the input embeddings (which do train). It is kept, not dropped, so the
@@ -12,39 +12,41 @@ checkpoint stays a complete causal LM and the "reasoning lens" can read what a v
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from flythinker.config import FlyThinkerConfig
+from flythinker.config import SHARED_REASONER, FlyThinkerConfig
 from flythinker.errors import FlyThinkerError
-from flythinker.fusion import (
+from flythinker.io import atomic_directory
+from flythinker.model.decoding import (
+    GenerationOutput,
+    StepDecoder,
+    generate,
+    position_ids_from_mask,
+)
+from flythinker.model.fusion import (
     FUSION_WEIGHTS,
     LEGACY_PROJECTION_WEIGHTS,
     Fusion,
     embedding_row_norm_mean,
 )
-from flythinker.io import atomic_directory
+from flythinker.model.reasoners import (
+    AdapterReasoner,
+    Reasoner,
+    SeparateReasoner,
+    reasoner_class,
+    with_prefix,
+)
+from flythinker.model.sources import DAMAGED, check_safetensors, first_line
 
 CONFIG_NAME = "flythinker_config.json"
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, ... counted over real tokens only, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -59,26 +61,44 @@ class FlyThinkerOutput(ModelOutput):
 class FlyThinker(nn.Module):
     """A reasoner and a generator that share one tokenizer, trained jointly.
 
-    Build with `from_models` (models in memory), `from_config` (names or paths) or
-    `from_pretrained` (a saved checkpoint directory).
+    The reasoner is a component (`flythinker.model.reasoners`): a causal LM of its own, or the
+    generator plus an adapter (FlyThinker-shared). Build with `from_models` (two models in
+    memory), `shared` (one model in memory), `from_config` (names or paths) or `from_pretrained`
+    (a saved checkpoint directory).
     """
 
     def __init__(
         self,
-        reasoner: PreTrainedModel,
+        reasoner: PreTrainedModel | Reasoner,
         generator: PreTrainedModel,
         config: FlyThinkerConfig,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
-        _check_compatible(reasoner, generator, tokenizer)
+        if not isinstance(reasoner, Reasoner):  # a model of its own (checked to be a causal LM below)
+            reasoner = SeparateReasoner(reasoner)
+        expected = reasoner_class(config)
+        if type(reasoner) is not expected:
+            raise FlyThinkerError(
+                f"reasoner={config.reasoner!r} in the config needs a {expected.__name__}, got {type(reasoner).__name__}"
+            )
+        _check_compatible(reasoner.lm, generator, tokenizer)
         self.config = config
-        self.reasoner = reasoner
+        # The component's own modules first, under its names: a separate reasoner's parameters
+        # stay "reasoner.*", ahead of the generator's, as in every earlier checkpoint and
+        # optimizer state. Set in _modules directly because `reasoner` is also the property
+        # below, which names the reasoner's LM whatever the kind.
+        self._modules.update(reasoner.modules())
         self.generator = generator
+        self.reasoner_component = reasoner
         self.tokenizer = tokenizer
-        self.fusion = Fusion(
-            config, self.reasoner_width, self.generator_width, generator.dtype, generator.device
-        )
+        self.fusion = Fusion(config, self.reasoner_width, self.generator_width, generator.dtype, generator.device)
+
+    @property
+    def reasoner(self) -> PreTrainedModel:
+        """The causal LM whose final hidden states are the reasoning vectors (the generator itself
+        for FlyThinker-shared, whose reasoner role adds the adapter)."""
+        return self.reasoner_component.lm
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -93,53 +113,41 @@ class FlyThinker(nn.Module):
         return cls(reasoner, generator, FlyThinkerConfig(**config), tokenizer)  # type: ignore[arg-type]
 
     @classmethod
+    def shared(
+        cls, generator: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, **config: object
+    ) -> FlyThinker:
+        """FlyThinker-shared from one causal LM in memory (its linear layers gain the reasoner's
+        adapter in place); keyword arguments are `FlyThinkerConfig` fields."""
+        settings = FlyThinkerConfig(**{**config, "reasoner": SHARED_REASONER})  # type: ignore[arg-type]
+        return cls(AdapterReasoner(generator, settings), generator, settings, tokenizer)
+
+    @classmethod
     def from_config(cls, config: FlyThinkerConfig) -> FlyThinker:
-        """Load both models by name or path (local dir, built-in alias, then the hub)."""
-        from flythinker.sources import load_causal_lm, load_tokenizer
-
-        if config.reasoner == "shared":  # FlyThinker-shared: the reasoner is an adapter on G
-            from flythinker.shared import FlyThinkerShared
-
-            return FlyThinkerShared.from_config(config)
-
-        generator = load_causal_lm(config.generator, dtype=config.dtype)
-        reasoner = load_causal_lm(config.reasoner, dtype=config.dtype)
-        tokenizer = load_tokenizer(config.generator)
-        if config.reasoner != config.generator:
-            check_same_vocab(tokenizer, load_tokenizer(config.reasoner))
+        """Load the models by name or path (local dir, built-in alias, then the hub)."""
+        reasoner, generator, tokenizer = reasoner_class(config).build(config)
         return cls(reasoner, generator, config, tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | None = None) -> FlyThinker:
-        """Load a checkpoint written by `save_pretrained`."""
+        """Load a checkpoint written by `save_pretrained`.
+
+        A damaged checkpoint (a missing or unreadable file, truncated weights, a config whose
+        reasoner kind or fusion does not match the files) fails with one line naming the file.
+        """
         root = Path(path)
         _explain_not_a_checkpoint(root)
-        if cls is FlyThinker and _is_shared_checkpoint(root):
-            from flythinker.shared import FlyThinkerShared
-
-            return FlyThinkerShared.from_pretrained(root, dtype)
-        missing = [
-            name
-            for name in (CONFIG_NAME, "reasoner/config.json", "generator/config.json")
-            if not (root / name).is_file()
-        ]
-        if missing:
-            raise FlyThinkerError(
-                f"{root} is not a complete FlyThinker checkpoint: missing {', '.join(missing)}"
-            )
         config = FlyThinkerConfig.from_json_file(root / CONFIG_NAME)
         if dtype is not None:
             config.dtype = dtype  # type: ignore[assignment]
-        torch_dtype = getattr(torch, config.dtype)
-        try:
-            reasoner = AutoModelForCausalLM.from_pretrained(root / "reasoner", dtype=torch_dtype)
-            generator = AutoModelForCausalLM.from_pretrained(root / "generator", dtype=torch_dtype)
-        except (OSError, ValueError) as exc:
-            raise FlyThinkerError(f"cannot load the models in checkpoint {root}: {exc}") from exc
-        tokenizer = (
-            AutoTokenizer.from_pretrained(root) if (root / "tokenizer_config.json").is_file() else None
-        )
-        model = cls(reasoner, generator, config, tokenizer)
+        kind = reasoner_class(config)
+        missing = [name for name in kind.checkpoint_files if not (root / name).is_file()]
+        if missing:
+            raise FlyThinkerError(
+                f"{root} is not a complete checkpoint of the kind its {CONFIG_NAME} names "
+                f"(reasoner={config.reasoner!r}): missing {', '.join(missing)}"
+            )
+        reasoner, generator = kind.load(root, config)
+        model = cls(reasoner, generator, config, _load_tokenizer(root))
         load_fusion(model.fusion, root)
         return model
 
@@ -148,27 +156,21 @@ class FlyThinker(nn.Module):
     ) -> Path:
         """Write an inspectable checkpoint directory, atomically.
 
-        Layout: ``reasoner/`` and ``generator/`` (Hugging Face model dirs), the tokenizer files,
+        Layout: the model files (``reasoner/`` and ``generator/``, Hugging Face model dirs; for
+        FlyThinker-shared ``generator/`` and ``reasoner_adapter/``), the tokenizer files,
         ``flythinker_config.json`` and, when the fusion learns parameters (a linear projection, a
-        gate), ``fusion.safetensors``. Files are
-        written into a temporary sibling directory that is renamed into place at the end, so an
-        interrupted save never leaves a half checkpoint under ``path``. ``state_dict`` holds the
-        full weights (keys as in ``self.state_dict()``) when this module's own parameters are
-        shards (FSDP, DeepSpeed ZeRO-3) gathered for saving.
+        gate), ``fusion.safetensors``. Files are written into a temporary sibling directory that
+        is renamed into place at the end, so an interrupted save never leaves a half checkpoint
+        under ``path``. ``state_dict`` holds the full weights (keys as in ``self.state_dict()``)
+        when this module's own parameters are shards (FSDP, DeepSpeed ZeRO-3) gathered for saving.
         """
         with atomic_directory(path) as tmp:
-            self._save_models(tmp, state_dict)
+            self.reasoner_component.save(tmp, self.generator, state_dict)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            save_fusion(self.fusion, tmp, None if state_dict is None else _with_prefix(state_dict, "fusion."))
+            save_fusion(self.fusion, tmp, None if state_dict is None else with_prefix(state_dict, "fusion."))
             self.config.to_json_file(tmp / CONFIG_NAME)
         return Path(path)
-
-    def _save_models(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """The model files of the checkpoint; a variant with other weights overrides this."""
-        for name in ("reasoner", "generator"):
-            weights = None if state_dict is None else _with_prefix(state_dict, f"{name}.")
-            getattr(self, name).save_pretrained(directory / name, state_dict=weights)
 
     # ------------------------------------------------------------------ the method
     @property
@@ -189,7 +191,7 @@ class FlyThinker(nn.Module):
 
     def reasoning_signal(self, h: torch.Tensor, target_norm: torch.Tensor | None = None) -> torch.Tensor:
         """``lam * rescale(h)`` in the generator's embedding space: the term added to ``e_G(s)``
-        (with a gate and a lambda warm-up when configured; `flythinker.fusion`).
+        (with a gate and a lambda warm-up when configured; `flythinker.model.fusion`).
 
         ``target_norm`` may be passed in by callers that reuse it across decode steps.
         """
@@ -212,10 +214,25 @@ class FlyThinker(nn.Module):
         position_ids: torch.Tensor,
         **kwargs: object,
     ):
-        """Run the reasoner's base model (no LM head): ``last_hidden_state`` is h for every position."""
-        return self.reasoner.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-        )
+        """Run the reasoner without its LM head: ``last_hidden_state`` is h for every position."""
+        return self.reasoner_component.reason(input_ids, attention_mask, position_ids, **kwargs)
+
+    def fuse(
+        self,
+        embeds: torch.Tensor,
+        h: torch.Tensor,
+        target_norm: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The fusion step, the one place the formula is applied: ``e + lam * rescale(h)`` for
+        token embeddings ``embeds`` (batch, n, d_G) and the vectors ``h`` (batch, n, d_R) already
+        aligned with them. ``keep`` (batch, n, 1), where given, is False where a position gets no
+        signal. Used by the training forward and by every decoder."""
+        signal = self.reasoning_signal(h.to(embeds.device), target_norm).to(embeds.dtype)
+        if keep is not None:
+            # where(), not a product: a fully masked padding row may hold NaN, and NaN * 0 is NaN.
+            signal = torch.where(keep, signal, torch.zeros((), dtype=embeds.dtype, device=embeds.device))
+        return embeds + signal
 
     def fused_embeddings(
         self,
@@ -230,11 +247,9 @@ class FlyThinker(nn.Module):
         token), gets no signal, so a padded row sees exactly what it sees alone.
         """
         embeds = self.generator.get_input_embeddings()(input_ids)
-        signal = self.reasoning_signal(reasoning[:, :-1].to(embeds.device), target_norm)
         previous_is_real = attention_mask[:, :-1, None].bool().to(embeds.device)
-        # where(), not a product: a fully masked padding row may hold NaN, and NaN * 0 is NaN.
-        signal = torch.where(previous_is_real, signal.to(embeds.dtype), torch.zeros((), dtype=embeds.dtype, device=embeds.device))
-        return embeds + F.pad(signal, (0, 0, 1, 0))
+        fused = self.fuse(embeds[:, 1:], reasoning[:, :-1], target_norm, previous_is_real)
+        return torch.cat([embeds[:, :1], fused], dim=1)
 
     def forward(
         self,
@@ -275,26 +290,18 @@ class FlyThinker(nn.Module):
                 "(max_position_embeddings); shorten the prompt or lower the token budgets"
             )
 
-    def step_decoder(self, overlap: str = "none", steps: str = "dynamic"):
-        """The prefill and decode step that `flythinker.decoding.generate` loops over.
+    def step_decoder(self, overlap: str = "none", steps: str = "dynamic") -> StepDecoder:
+        """The prefill and decode step that `flythinker.model.decoding.generate` loops over, as
+        the reasoner's kind runs it.
 
         ``steps``: "dynamic" caches, or "static" caches run eagerly or replayed as CUDA "graph"s.
         """
-        from flythinker.decoding import FlyThinkerDecoder
-
-        return FlyThinkerDecoder(self, overlap, steps)
+        return self.reasoner_component.step_decoder(self, overlap, steps)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Staggered decoding; see `flythinker.decoding.generate` for the arguments."""
-        from flythinker.decoding import generate
-
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> GenerationOutput:
+        """Staggered decoding; see `flythinker.model.decoding.generate` for the arguments."""
         return generate(self, input_ids, attention_mask, **kwargs)
-
-
-def _with_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of one submodule, its prefix removed."""
-    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def save_fusion(fusion: Fusion, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -311,9 +318,9 @@ def load_fusion(fusion: Fusion, root: Path) -> None:
     if not expected:
         return
     if (root / FUSION_WEIGHTS).is_file():
-        weights = load_file(root / FUSION_WEIGHTS)
+        weights = _read_weights(root / FUSION_WEIGHTS)
     elif (root / LEGACY_PROJECTION_WEIGHTS).is_file() and set(expected) == {"projection.weight"}:
-        weights = {"projection." + k: v for k, v in load_file(root / LEGACY_PROJECTION_WEIGHTS).items()}
+        weights = {"projection." + k: v for k, v in _read_weights(root / LEGACY_PROJECTION_WEIGHTS).items()}
     else:
         raise FlyThinkerError(
             f"{root}: the config's fusion learns {', '.join(sorted(expected))} but "
@@ -325,14 +332,27 @@ def load_fusion(fusion: Fusion, root: Path) -> None:
             f"{root / FUSION_WEIGHTS} does not match the config's fusion (missing: "
             f"{', '.join(missing) or 'none'}; unexpected: {', '.join(unexpected) or 'none'})"
         )
+    wrong = [f"{k} {tuple(weights[k].shape)}, expected {tuple(v.shape)}" for k, v in expected.items() if weights[k].shape != v.shape]
+    if wrong:
+        raise FlyThinkerError(f"{root / FUSION_WEIGHTS} does not fit the models: {'; '.join(wrong)}")
     fusion.load_state_dict(weights)
 
 
-def _is_shared_checkpoint(root: Path) -> bool:
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    check_safetensors(path)
+    return load_file(path)
+
+
+def _load_tokenizer(root: Path) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's tokenizer (None when it was saved without one), or one error line."""
+    if not (root / "tokenizer_config.json").is_file():
+        if any((root / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+            raise FlyThinkerError(f"{root}: tokenizer files without tokenizer_config.json; save the tokenizer again")
+        return None
     try:
-        return json.loads((root / CONFIG_NAME).read_text()).get("reasoner") == "shared"
-    except (OSError, ValueError):
-        return False  # the full loader below names what is missing or broken
+        return AutoTokenizer.from_pretrained(root)
+    except DAMAGED as exc:
+        raise FlyThinkerError(f"{root}: cannot load the tokenizer ({first_line(exc)})") from None
 
 
 def _check_compatible(
@@ -352,17 +372,6 @@ def _check_compatible(
     if tokenizer is not None and len(tokenizer) > v_g:
         raise FlyThinkerError(
             f"the tokenizer has {len(tokenizer)} tokens but the models' vocabulary has {v_g}"
-        )
-
-
-def check_same_vocab(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> None:
-    """Fail unless two tokenizers map every token string to the same id."""
-    va, vb = a.get_vocab(), b.get_vocab()
-    if va != vb:
-        differing = sorted(set(va.items()) ^ set(vb.items()))[:3]
-        raise FlyThinkerError(
-            "reasoner and generator must share one tokenizer, but their vocabularies differ "
-            f"({len(va)} vs {len(vb)} tokens; e.g. {differing})"
         )
 
 

@@ -11,7 +11,7 @@ The two halves of a step do not depend on each other, which is what the overlap 
   vector per row cross between them, with non-blocking copies, so both devices run at once.
 
 Orthogonally, ``cuda_graphs`` decodes on static KV caches and replays each step from a CUDA graph
-(`flythinker.graphs`); under ``"streams"`` one graph holds both models' branches.
+(`flythinker.model.graphs`); under ``"streams"`` one graph holds both models' branches.
 
 Hugging Face ``generate()`` cannot change a model's inputs per step, hence this loop. Only the
 reasoner's base model runs (its LM head would be pure waste), and the generator's prefill keeps the
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
@@ -43,13 +43,18 @@ from transformers.generation.logits_process import (
 
 from flythinker.config import GenerationConfig
 from flythinker.errors import FlyThinkerError
-from flythinker.graphs import StaticStep, StepInputs, check_step_mode, static_cache
-from flythinker.model import position_ids_from_mask
+from flythinker.model.graphs import StaticStep, StepInputs, check_step_mode, static_cache
 
 if TYPE_CHECKING:
-    from flythinker.model import FlyThinker
+    from flythinker.model.adapter import AdapterRows
+    from flythinker.model.flythinker import FlyThinker
 
 log = logging.getLogger(__name__)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -204,7 +209,6 @@ class FlyThinkerDecoder(StepDecoder):
     def _both(self, tokens, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of each model; both read only the new token and h_prev, neither waits on the other."""
         model, r_dev = self.model, self.r_dev
-        signal = model.reasoning_signal(self.h_prev[:, None], self.target_norm)
         with self.streams.reasoner():
             h_next = model.reason(
                 tokens[:, None].to(r_dev, non_blocking=True),
@@ -216,7 +220,7 @@ class FlyThinkerDecoder(StepDecoder):
         with self.streams.generator():
             token_embeds = model.generator.get_input_embeddings()(tokens[:, None])
             logits = model.generator(
-                inputs_embeds=token_embeds + signal.to(token_embeds.dtype),
+                inputs_embeds=model.fuse(token_embeds, self.h_prev[:, None], self.target_norm),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=True,
@@ -227,6 +231,81 @@ class FlyThinkerDecoder(StepDecoder):
 
     def reasoning(self):
         return self.h_prev.clone()
+
+
+class SharedDecoder(StepDecoder):
+    """Both roles in one forward per step: rows [0, B) are the generator, rows [B, 2B) the reasoner.
+
+    The prompt prefill stays two passes (the generator's prompt needs every reasoner vector of
+    the prompt); their caches are then stacked into one 2B-row cache, dynamic or static
+    (``steps`` as for `flythinker.model.decoding.CausalLMDecoder`).
+    """
+
+    def __init__(self, model: FlyThinker, rows: AdapterRows, steps: str = "dynamic") -> None:
+        self.model, self.rows = model, rows
+        self.lm = model.generator
+        self.device = self.lm.device
+        check_step_mode(steps, self.device)
+        self.steps = steps
+        self.target_norm = model.target_norm() if model.config.rescale else None
+        self.cache: Cache | None = None
+        self.h_prev: torch.Tensor | None = None
+
+    def prefill(self, input_ids, attention_mask, position_ids):
+        model, config = self.model, self.lm.config
+        r_cache, g_cache = DynamicCache(config=config), DynamicCache(config=config)
+        h_prompt = model.reason(
+            input_ids, attention_mask, position_ids, use_cache=True, **cache_kwargs(self.lm.get_decoder(), r_cache)
+        ).last_hidden_state
+        self.h_prev = h_prompt[:, -1].clone()  # a buffer of its own: steps rewrite it in place
+        embeds = model.fused_embeddings(input_ids, attention_mask, h_prompt, self.target_norm)
+        logits = self.lm(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=True, logits_to_keep=1, **cache_kwargs(self.lm, g_cache),
+        ).logits[:, -1].float()
+        if self.steps == "dynamic":
+            self.cache = stack_caches(g_cache, r_cache, config)
+        else:  # copied into static caches at the first step, so that never delays the first token
+            self.prefill_caches, self.prompt_mask = (g_cache, r_cache), attention_mask
+        return logits
+
+    def forward_step(self, tokens, attention_mask, position_ids):
+        if attention_mask.ndim == 2:  # the loop's padding mask covers the B prompts; a static
+            attention_mask = attention_mask.repeat(2, 1)  # step's 4-D mask already has 2B rows
+        logits, h_next = self._both_roles(tokens, attention_mask, position_ids)
+        self.h_prev.copy_(h_next)
+        return logits
+
+    def static_inputs(self, batch):
+        self.cache, self.prefill_caches = static_cache(self.lm.config, self.prefill_caches, self.max_length), ()
+        return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype, rows=2 * batch)
+
+    def _both_roles(self, tokens, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """One 2B-row forward; ``attention_mask`` already covers all 2B rows."""
+        batch = tokens.shape[0]
+        token_embeds = self.lm.get_input_embeddings()(tokens[:, None])
+        embeds = torch.cat([self.model.fuse(token_embeds, self.h_prev[:, None], self.target_norm), token_embeds])
+        with self.rows.active(slice(batch, None)):
+            hidden = self.lm.get_decoder()(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids.repeat(2, 1),
+                use_cache=True,
+                **cache_kwargs(self.lm.get_decoder(), self.cache),
+            ).last_hidden_state[:, -1]
+        # Only the generator rows need logits: the LM head is read for B rows, as in plain decoding.
+        return self.lm.get_output_embeddings()(hidden[:batch]).float(), hidden[batch:]
+
+    def reasoning(self):
+        return self.h_prev.clone()
+
+
+def stack_caches(first: DynamicCache, second: DynamicCache, config) -> DynamicCache:
+    """One cache whose rows are ``first``'s then ``second``'s, layer by layer."""
+    stacked = DynamicCache(config=config)
+    for index, (a, b) in enumerate(zip(first.layers, second.layers, strict=True)):
+        stacked.update(torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values]), index)
+    return stacked
 
 
 @torch.no_grad()

@@ -51,16 +51,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
+from flythinker.commands.write import _TASK_BY_FIELD, _USER_FIELD, lens
 from flythinker.config import GenerationConfig
 from flythinker.data.collate import Encoded, collate, encode_prompts
 from flythinker.data.longlamp import TASKS, LongLaMPRecord, parse_record
 from flythinker.data.prompts import PromptBudgets, apply_chat, build_prompt
-from flythinker.decoding import CausalLMDecoder, StepDecoder, decode
 from flythinker.errors import FlyThinkerError
-from flythinker.model import CONFIG_NAME, FlyThinker
-from flythinker.sources import load_causal_lm, load_tokenizer
-from flythinker.train import RUN_CONFIG_NAME
-from flythinker.write import _TASK_BY_FIELD, _USER_FIELD, lens
+from flythinker.model.decoding import CausalLMDecoder, StepDecoder, decode
+from flythinker.model.flythinker import CONFIG_NAME, FlyThinker
+from flythinker.model.sources import load_causal_lm, load_tokenizer
+from flythinker.training.train import RUN_CONFIG_NAME
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -151,7 +151,7 @@ def load_served_model(checkpoint: str, role: str = "primary") -> ServedModel:
         if model.tokenizer is None:
             raise FlyThinkerError(f"{root} has no tokenizer files")
         tokenizer = model.tokenizer
-        kind = "flythinker-shared" if model.config.reasoner == "shared" else "flythinker"
+        kind = model.reasoner_component.label
         context = model.context_length()
         eos = tokenizer.eos_token_id
     if eos is None:
@@ -831,7 +831,7 @@ def serve_command(
     """Serve a checkpoint over OpenAI's HTTP API, with a web page that streams its text and reasoning lens.
 
     Concurrent requests are decoded together in batches. Extension fields (a LongLaMP `profile`,
-    its `task`, `lens_top`) are described in the module `flythinker.serve`.
+    its `task`, `lens_top`) are described in the module `flythinker.commands.serve`.
 
     Args:
         checkpoint: A FlyThinker, FlyThinker-shared or SFT checkpoint directory

@@ -33,10 +33,11 @@ from flythinker.data.collate import collate, encode
 from flythinker.data.longlamp import load_longlamp
 from flythinker.data.prompts import PromptBudgets, records_to_examples
 from flythinker.errors import FlyThinkerError
-from flythinker.fusion import Fusion
 from flythinker.io import write_json
-from flythinker.model import FlyThinker, position_ids_from_mask
-from flythinker.train import token_cross_entropy_sum
+from flythinker.model.decoding import position_ids_from_mask
+from flythinker.model.flythinker import FlyThinker
+from flythinker.model.fusion import Fusion
+from flythinker.training.train import token_cross_entropy_sum
 
 CONTROLS = ("random", "centred", "targets_only", "linear")
 
@@ -213,7 +214,7 @@ def diagnose_command(
             and with the signal off (lambda 0, same weights), i.e. whether training made the
             generator use the signal. --reasoner/--generator/--lams are then not used.
     """
-    from flythinker.run import sample_data_path
+    from flythinker.data.longlamp import sample_data_path
 
     if limit < 1:
         raise FlyThinkerError(f"limit must be >= 1, got {limit}")

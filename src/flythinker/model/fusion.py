@@ -2,7 +2,7 @@
 
 The published formula adds ``lam * h * mean||E_G|| / ||h||`` to the generator's input embedding.
 With a same-family reasoner that term points at the *next* token in the generator's own
-embedding space (`flythinker.diagnose` measures it), so a pretrained generator first reads that
+embedding space (`flythinker.evaluation.diagnose` measures it), so a pretrained generator first reads that
 token as already present and its loss jumps (SmolLM2-135M, lambda 0.5: 3.75 -> 8.97). The options
 here let the fusion start exactly at SFT and learn how much of the signal to use:
 

@@ -41,14 +41,14 @@ def top_level_help() -> str:
 
 def _commands() -> dict[str, Callable]:
     # Imported here so `flythinker --help` does not pay for torch until a command runs.
-    from flythinker.bench import bench_command
-    from flythinker.demo import demo_command
-    from flythinker.diagnose import diagnose_command
-    from flythinker.evaluate import evaluate_command
-    from flythinker.run import run_command
-    from flythinker.serve import serve_command
-    from flythinker.train import train_command
-    from flythinker.write import write_command
+    from flythinker.commands.bench import bench_command
+    from flythinker.commands.demo import demo_command
+    from flythinker.commands.run import run_command
+    from flythinker.commands.serve import serve_command
+    from flythinker.commands.write import write_command
+    from flythinker.evaluation.diagnose import diagnose_command
+    from flythinker.evaluation.metrics import evaluate_command
+    from flythinker.training.train import train_command
 
     return {
         "bench": bench_command,

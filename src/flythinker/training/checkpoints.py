@@ -3,13 +3,13 @@
 A state is what `accelerate`'s ``save_state`` writes (model, optimizer, scheduler, every
 process's RNG states; sharded per process under FSDP and DeepSpeed) plus ``trainer_state.json``:
 the step reached, the losses so far and a signature of the data and settings. The data position
-needs no saving: it follows from the step (`flythinker.steps`).
+needs no saving: it follows from the step (`flythinker.training.steps`).
 
 Writes are atomic: every process writes into ``.step-NNNNNNNN.partial``, and the main process
 records a manifest (each file and its size) and renames the directory into place only when all
 have finished. A kill at any moment leaves the newest complete state as it was; readers ignore
 dot-directories, and the next save clears them away. The final, exported model is not a state:
-it is the ``checkpoint/`` directory (`flythinker.train.save_checkpoint`).
+it is the ``checkpoint/`` directory (`flythinker.training.train.save_checkpoint`).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from flythinker.config import GenerationConfig
 from flythinker.data.collate import encode_prompts
 from flythinker.data.longlamp import TASKS, LongLaMPRecord, parse_record
 from flythinker.data.prompts import PromptBudgets, build_prompt
-from flythinker.decoding import decode
 from flythinker.errors import FlyThinkerError
-from flythinker.model import FlyThinker
+from flythinker.model.decoding import decode
+from flythinker.model.flythinker import FlyThinker
 
 # The field that tells one task's profile items from another's.
 _TASK_BY_FIELD = {"reviewText": "product_review", "abstract": "abstract_generation", "content": "topic_writing"}

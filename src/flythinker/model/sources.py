@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -68,6 +69,8 @@ def build_tiny(hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **over
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "flythinker_manifest.json"
+# What loading a saved model can raise when its files are damaged (truncated, not JSON, wrong shapes).
+DAMAGED = (OSError, ValueError, KeyError, SafetensorError)
 
 _ALIASES: dict[str, Callable[[], PreTrainedModel]] = {
     "tiny": lambda: build_tiny(64, seed=0),
@@ -137,10 +140,7 @@ def load_causal_lm(name: str, dtype: str = "float32") -> PreTrainedModel:
     torch_dtype = getattr(torch, dtype)
     path = Path(name).expanduser()
     if path.is_dir():
-        try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        except (OSError, ValueError) as exc:
-            raise FlyThinkerError(f"cannot load a causal LM from directory {path}: {exc}") from exc
+        return load_lm(path, dtype)
     if name in _ALIASES:
         return _ALIASES[name]().to(torch_dtype)
     if name in _CONVERTED:
@@ -154,8 +154,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if path.is_dir():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise FlyThinkerError(f"cannot load a tokenizer from directory {path}: {exc}") from exc
+        except DAMAGED as exc:
+            raise FlyThinkerError(f"{path}: cannot load the tokenizer ({first_line(exc)})") from None
     elif name in _ALIASES:
         tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path())
     elif name in _CONVERTED:
@@ -166,6 +166,48 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_lm(directory: Path, dtype: str = "float32") -> PreTrainedModel:
+    """A saved causal LM, or one error line naming the damaged file and what is wrong with it."""
+    for name in ("config.json", "generation_config.json"):
+        if (directory / name).is_file():
+            try:
+                json.loads((directory / name).read_text())
+            except (OSError, ValueError) as exc:
+                raise FlyThinkerError(f"{directory / name}: not a readable JSON config ({first_line(exc)})") from None
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights and not any(directory.glob("*.bin")):
+        raise FlyThinkerError(f"{directory}: no weights (model.safetensors is missing)")
+    for path in weights:
+        check_safetensors(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
+    except DAMAGED as exc:
+        raise FlyThinkerError(f"{directory}: cannot load the model ({first_line(exc)})") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Fail with one line when a weights file is truncated or not safetensors at all: its header
+    promises a data size that the file must hold (a cut-off copy is the usual damage)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_length > size - 8:
+                raise ValueError("its header is cut off")
+            header = json.loads(f.read(header_length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_length + end > size:
+            raise ValueError(f"truncated: {size:,} bytes, its header needs {8 + header_length + end:,}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FlyThinkerError(f"{path}: damaged weights file ({first_line(exc)}); copy or save it again") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _from_hub(loader, name: str, **kwargs):

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from flythinker.config import GenerationConfig, TrainConfig
-from flythinker.data.longlamp import LongLaMPRecord, load_longlamp
+from flythinker.data.longlamp import LongLaMPRecord, load_longlamp, sample_data_path
 from flythinker.data.prompts import PromptBudgets
 from flythinker.errors import FlyThinkerError
-from flythinker.evaluate import evaluate_texts
+from flythinker.evaluation.metrics import evaluate_texts
 from flythinker.io import to_plain, write_json, write_yaml
 from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, RunContext, make_method
 
@@ -114,11 +114,6 @@ class RunConfig:
         unknown = [m.method for m in self.methods if m.method not in METHODS]
         if unknown:
             raise FlyThinkerError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-        for m in self.methods:
-            try:
-                METHODS[m.method].check(m)
-            except FlyThinkerError as exc:
-                raise FlyThinkerError(f"method row {m.name!r}: {exc}") from None
         labels = [m.name for m in self.methods]
         repeated = sorted({x for x in labels if labels.count(x) > 1})
         if repeated:
@@ -133,7 +128,7 @@ class RunConfig:
 
 def run_experiment(config: RunConfig) -> dict[str, Any]:
     """Train, decode and evaluate every method on every task; write the report. Returns metrics."""
-    from flythinker.report import write_report
+    from flythinker.evaluation.report import write_report
 
     out = Path(config.out)
     # Every row's settings are checked before anything is written: a refused rerun must leave the
@@ -341,13 +336,6 @@ def _carve(task: TaskConfig, split: str, records: list[LongLaMPRecord]) -> list[
     return records[-task.validation :] if split == "validation" else records[: -task.validation]
 
 
-def sample_data_path() -> Path:
-    """The shipped sample (see tools/make_sample_reviews.py): product_review schema, train/test."""
-    from importlib import resources
-
-    return Path(str(resources.files("flythinker") / "assets" / "sample_reviews.json"))
-
-
 def _reports_validation(task: TaskConfig) -> bool:
     """A task that carves a validation split and is evaluated elsewhere reports both losses."""
     return bool(task.validation) and task.eval_split != "validation"
@@ -387,7 +375,7 @@ def run_command(
         dtype: Weight dtype of every model (float32, bfloat16, float16).
         seed: Seed of retrieval sampling and training.
     """
-    from flythinker.report import format_results
+    from flythinker.evaluation.report import format_results
 
     config = RunConfig(out=out, tasks=tasks, methods=methods, training=training, generation=generation,
                        budgets=budgets, decode_batch_size=decode_batch_size, span_tokens=span_tokens,

@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flythinker.commands.run import RunConfig, TaskConfig, run_experiment
 from flythinker.config import GenerationConfig, TrainConfig
 from flythinker.data.prompts import PromptBudgets
 from flythinker.methods import MethodConfig
-from flythinker.run import RunConfig, TaskConfig, run_experiment
 
 REPRODUCTION = "configs/longlamp_qwen2.5-3b.yaml"
 
@@ -92,7 +92,7 @@ def demo_command(
             exactly at SFT (the better of the two on real abstracts), or, with false, the
             published pad fusion, which starts and ends worse than SFT with a same-model pair.
     """
-    from flythinker.report import format_results, paired_rows
+    from flythinker.evaluation.report import format_results, paired_rows
 
     start = time.perf_counter()
     out = out or ("runs/demo-quick" if quick else "runs/demo")

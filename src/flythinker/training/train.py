@@ -1,9 +1,9 @@
 """The one training loop, for any model whose forward takes (input_ids, attention_mask,
 position_ids) and returns ``.logits``: FlyThinker and a plain Hugging Face causal LM (SFT) alike.
 
-accelerate runs it on one device or many (DDP, FSDP, DeepSpeed: `flythinker.engines`); AdamW
+accelerate runs it on one device or many (DDP, FSDP, DeepSpeed: `flythinker.training.engines`); AdamW
 with a warm-up + decay schedule; one line per optimizer step in ``train_log.jsonl``; resumable
-states every ``save_every`` steps (`flythinker.checkpoints`); the final model is written once,
+states every ``save_every`` steps (`flythinker.training.checkpoints`); the final model is written once,
 gathered from every process, as the same inspectable ``checkpoint/`` directory whatever the
 launcher.
 
@@ -32,19 +32,19 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from flythinker import checkpoints
 from flythinker.config import FlyThinkerConfig, TrainConfig
 from flythinker.data.collate import Encoded, Example, collate, encode, read_prompt_target_jsonl
-from flythinker.engines import (
+from flythinker.errors import FlyThinkerError
+from flythinker.io import append_jsonl, atomic_directory, to_plain, write_yaml
+from flythinker.model.decoding import position_ids_from_mask
+from flythinker.training import checkpoints
+from flythinker.training.engines import (
     configure_engine,
     distributed_kind,
     enable_gradient_checkpointing,
     make_accelerator,
 )
-from flythinker.errors import FlyThinkerError
-from flythinker.io import append_jsonl, atomic_directory, to_plain, write_yaml
-from flythinker.model import position_ids_from_mask
-from flythinker.steps import StepPlan
+from flythinker.training.steps import StepPlan
 
 LOG_NAME = "train_log.jsonl"
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -456,7 +456,7 @@ def train_command(
         model: Which reasoner and generator, and how they are fused.
         training: Optimisation, batching and output settings.
     """
-    from flythinker.model import FlyThinker
+    from flythinker.model.flythinker import FlyThinker
 
     examples = read_prompt_target_jsonl(data)
     prepare_output_dir(Path(training.output_dir))  # before minutes of model loading

@@ -1,9 +1,12 @@
-"""Efficiency benchmark: SFT, FlyThinker (each overlap mode), FlyThinker-shared, CoT and Coconut.
+"""Efficiency benchmark: every registered method in every mode it decodes, side by side.
+
+The methods supply their entries and floors (`flythinker.methods.costs`): today SFT, FlyThinker in
+each overlap mode, FlyThinker-shared, CoT and Coconut; the prompt-only baselines decode as SFT does.
 
 Every method runs in one process, on the same weights (copies of one random or loaded generator),
-through the same decode loop (`flythinker.decoding.decode`: same cache type, sampler, stopping
+through the same decode loop (`flythinker.model.decoding.decode`: same cache type, sampler, stopping
 rule and per-step host sync), in the same weight format. On a GPU every method that can also
-decodes with CUDA graphs (``steps="graphs"``), and is then compared with SFT decoding with graphs.
+decodes with CUDA graphs (``steps="graph"``), and is then compared with SFT decoding with graphs.
 Decode repeats are interleaved across methods (repeat 1 of every method, then repeat 2, ...), so
 drifting machine load hits all of them alike; each figure is the median over repeats, after a
 warm-up run. Per-token latency is the median interval between consecutive tokens of a run; what
@@ -37,7 +40,6 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,14 +48,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
-from flythinker.config import GenerationConfig
-from flythinker.decoding import decode, generate_plain
 from flythinker.errors import FlyThinkerError
-from flythinker.methods.coconut import LatentThoughtDecoder, ThoughtMarkers
-from flythinker.model import FlyThinker, position_ids_from_mask
-from flythinker.prepack import prepack_available, prepack_linears
-from flythinker.shared import FlyThinkerShared
-from flythinker.sources import load_causal_lm, tiny_config
+from flythinker.methods import METHODS
+from flythinker.methods.costs import BenchContext, BenchEntry, Floors, module_bytes
+from flythinker.model.decoding import position_ids_from_mask
+from flythinker.model.prepack import prepack_available, prepack_linears
+from flythinker.model.sources import load_causal_lm, tiny_config
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,9 @@ MEASURES = {  # measure -> (unit, higher is better)
     "decode_warmup_ms": ("ms", False),  # no ratio: near zero for eager decoding
 }
 NO_RATIO = {"decode_warmup_ms"}
-STEP_MODES = ("eager", "graphs")
-# Coconut's thought markers without a tokenizer: "<thought>" and "</thought>" are about three
-# tokens each; which ids they are does not change the cost.
-SHAPE_THOUGHT_MARKERS = ThoughtMarkers(begin=(3, 4, 5), end=(6, 4, 5))
+# The decoders' step modes (`flythinker.model.graphs.STEP_MODES`) a benchmark row can use: the
+# growing-cache steps every method has, and CUDA-graph replay on static caches.
+BENCH_STEP_MODES = ("dynamic", "graph")
 
 
 @dataclass
@@ -101,12 +100,12 @@ class BenchSettings:
     generator: str = TINY
     reasoner: str = TINY
     threads: int = 1
-    steps: tuple[str, ...] = ("eager",)  # "graphs": also every method that can, with CUDA graphs
+    steps: tuple[str, ...] = ("dynamic",)  # "graph": also every method that can, with CUDA graphs
     rationale_tokens: int = 32  # CoT: tokens written before the answer
     latent_thoughts: int = 2  # Coconut: hidden states fed back before the answer
     lora_targets: tuple[str, ...] = ()  # FlyThinker-shared's adapted layers; empty: every linear layer
     ratio_convention: str = (
-        "cost relative to SFT with the same steps (eager or graphs) (>1 = costlier); "
+        "cost relative to SFT with the same step mode (dynamic or graph) (>1 = costlier); "
         "for tokens/s: SFT's throughput / this one's"
     )
     peak_memory_definition: str = (
@@ -125,24 +124,7 @@ class Result:
     unit: str
     ratio_to_sft: float | None = None
     floor_ratio: float | None = None
-    steps: str = "eager"  # "graphs": static caches and CUDA-graph replay, compared with SFT's
-
-
-@dataclass
-class Contender:
-    """One method in one mode, ready to decode: ``run(ids, mask, new_tokens, on_token)``."""
-
-    method: str
-    overlap: str | None
-    modules: list[nn.Module]
-    run: Callable[[torch.Tensor, torch.Tensor, int, Callable], object]
-    floors: dict[str, float]
-    steps: str = "eager"
-    batched: bool = True  # timed at batch 8 and 32 too
-
-    @property
-    def key(self) -> tuple[str, str | None, str]:
-        return self.method, self.overlap, self.steps
+    steps: str = "dynamic"  # "graph": static caches and CUDA-graph replay, compared with SFT's
 
 
 # ---------------------------------------------------------------------------------- models
@@ -156,69 +138,6 @@ def build_lm(source: str, dtype: torch.dtype, device: torch.device, seed: int = 
                 lm = Qwen2ForCausalLM(config)
         return lm.to(dtype).eval()
     return load_causal_lm(source, dtype=str(dtype).removeprefix("torch.")).to(device).eval()
-
-
-def _unique_bytes(tensors) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if t is None:
-            continue
-        try:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        except (NotImplementedError, RuntimeError):  # opaque (pre-packed) tensors have no storage
-            seen[id(t)] = t.numel() * t.element_size()
-    return sum(seen.values())
-
-
-def module_bytes(*modules: nn.Module) -> int:
-    """Bytes of all parameters and buffers, each storage once (tied weights count once)."""
-    return _unique_bytes(t for m in modules for t in (*m.parameters(), *m.buffers()))
-
-
-def param_count(lm: PreTrainedModel, embeddings: bool = True) -> int:
-    skip = set() if embeddings else {id(lm.get_input_embeddings().weight)}
-    return sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values() if id(p) not in skip)
-
-
-def decode_bytes(lm: PreTrainedModel, with_head: bool) -> int:
-    """Weight bytes one decode step reads: the decoder without its embedding table (a lookup reads
-    only B rows of it), plus the LM head when logits are needed."""
-    decoder = lm.get_decoder()
-    tensors = [p for n, p in decoder.named_parameters() if p is not lm.get_input_embeddings().weight]
-    if with_head:
-        tensors.append(lm.get_output_embeddings().weight)
-    return _unique_bytes(tensors)
-
-
-def _floors(g: PreTrainedModel, extra_decode: int, extra_prefill_params: int, extra_params: int, extra_bytes: int) -> dict[str, float]:
-    g_decode = decode_bytes(g, with_head=True)
-    decode = (g_decode + extra_decode) / g_decode
-    return {
-        "ttft_ms": 1 + extra_prefill_params / param_count(g, embeddings=False),
-        "decode_ms_per_token_b1": decode,
-        "decode_tokens_per_s_b8": decode,
-        "decode_tokens_per_s_b32": decode,
-        "train_step_s": 1 + extra_params / param_count(g),
-        "peak_memory_mb": (module_bytes(g) + extra_bytes) / module_bytes(g),  # replaced by run_bench
-    }
-
-
-def floors_for(method: str, g: PreTrainedModel, r: PreTrainedModel | None, adapter_bytes: int = 0) -> dict[str, float]:
-    if method == "sft":
-        return _floors(g, 0, 0, 0, 0)
-    if method == "flythinker":
-        assert r is not None
-        r_nonemb = param_count(r, embeddings=False)
-        return _floors(g, decode_bytes(r, with_head=False), r_nonemb, r_nonemb, module_bytes(r))
-    g_nonemb = param_count(g, embeddings=False)  # shared: the reasoner pass is G's decoder again
-    return _floors(g, adapter_bytes, g_nonemb, g_nonemb, adapter_bytes)
-
-
-def thinking_floors(g: PreTrainedModel, added_tokens: int, prompt_tokens: int) -> dict[str, float]:
-    """CoT and Coconut: G's own weights, plus ``added_tokens`` positions to process before answering."""
-    floors = _floors(g, 0, 0, 0, 0)
-    floors["ttft_ms"] = 1 + added_tokens / prompt_tokens
-    return floors
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -260,7 +179,7 @@ class DecodeTiming:
     warmup: float  # what the first two intervals cost beyond two median ones
 
 
-def timed_decode(contender: Contender, ids: torch.Tensor, new_tokens: int, device: torch.device) -> DecodeTiming:
+def timed_decode(contender: BenchEntry, ids: torch.Tensor, new_tokens: int, device: torch.device) -> DecodeTiming:
     """Time one generate call, stamping every token as it is chosen."""
     stamps: list[float] = []
 
@@ -285,7 +204,7 @@ def random_prompts(batch: int, length: int, vocab: int, device: torch.device, se
 
 def train_step_seconds(model: nn.Module, settings: BenchSettings, vocab: int, device: torch.device,
                        extra_tokens: int = 0) -> float:
-    """Median seconds of one AdamW step (forward, backward, update), as `flythinker.train` runs it.
+    """Median seconds of one AdamW step (forward, backward, update), as `flythinker.training.train` runs it.
 
     ``extra_tokens``: longer sequences for the same examples (CoT trains on rationale + answer).
     """
@@ -317,86 +236,6 @@ def _overlap_modes(device: torch.device) -> list[str]:
     return modes
 
 
-def make_contenders(g: PreTrainedModel, r: PreTrainedModel, settings: BenchSettings, device: torch.device,
-                    overlaps: list[str]) -> list[Contender]:
-    """SFT, CoT and Coconut on ``g`` itself, FlyThinker on copies of ``g`` and ``r``, the shared
-    variant on a copy of ``g``; each in every step mode it supports."""
-    pack = settings.weights == "packed"
-    never = {"eos_token_id": -1, "pad_token_id": 0}  # no EOS: every run decodes all its tokens
-    fly_floors = floors_for("flythinker", g, r)
-    sft_floors = floors_for("sft", g, None)
-    rationale, latents = settings.rationale_tokens, settings.latent_thoughts
-    thought_tokens = latents + len(SHAPE_THOUGHT_MARKERS.begin) + len(SHAPE_THOUGHT_MARKERS.end)
-    shared = FlyThinkerShared.from_model(copy.deepcopy(g), lora_targets=list(settings.lora_targets)).eval()
-    adapter_bytes = _unique_bytes(shared.adapter_state().values())
-    shared_floors = floors_for("flythinker-shared", g, None, adapter_bytes)
-    flys = {}
-    for overlap in overlaps:  # one model for the one-device modes, a moved copy for "devices"
-        key = "devices" if overlap == "devices" else "one-device"
-        if key not in flys:
-            reasoner = copy.deepcopy(r)
-            if overlap == "devices":
-                reasoner = reasoner.to(torch.device("cuda", 1))
-            flys[key] = FlyThinker.from_models(reasoner, copy.deepcopy(g)).eval()
-            if pack:
-                prepack_linears(flys[key].reasoner.get_decoder())  # its LM head is never run
-                prepack_linears(flys[key].generator)
-    if pack:  # each matmul in the layout for the rows it sees at batch 1: the shared decoder's two
-        prepack_linears(shared.generator.get_decoder(), rows=2)
-        prepack_linears(shared.generator)  # the LM head, which reads the generator's row only
-        prepack_linears(g)
-
-    def cot(ids, mask, n, cb, graphs):
-        seen = [0]
-
-        def answer_tokens_only(token):  # the first `rationale` tokens are the rationale
-            seen[0] += 1
-            if seen[0] > rationale:
-                cb(token)
-
-        return generate_plain(g, ids, mask, max_new_tokens=rationale + n, on_token=answer_tokens_only,
-                              cuda_graphs=graphs, **never)
-
-    def coconut(ids, mask, n, cb):
-        with torch.no_grad():
-            return decode(LatentThoughtDecoder(g, SHAPE_THOUGHT_MARKERS, latents), ids, mask,
-                          GenerationConfig(max_new_tokens=n), on_token=cb, **never)
-
-    contenders = []
-    for steps in settings.steps:
-        graphs = steps == "graphs"
-        contenders.append(Contender(
-            "sft", None, [g],
-            lambda ids, mask, n, cb, graphs=graphs: generate_plain(g, ids, mask, max_new_tokens=n, on_token=cb,
-                                                                    cuda_graphs=graphs, **never),
-            dict(sft_floors), steps,
-        ))
-        for overlap in overlaps:
-            if graphs and overlap == "devices":
-                continue  # graphs need both models on one device
-            fly = flys["devices" if overlap == "devices" else "one-device"]
-            contenders.append(Contender(
-                "flythinker", overlap, [fly],
-                lambda ids, mask, n, cb, fly=fly, o=overlap, graphs=graphs: fly.generate(
-                    ids, mask, max_new_tokens=n, overlap=o, on_token=cb, cuda_graphs=graphs, **never),
-                dict(fly_floors), steps,
-            ))
-        contenders.append(Contender(
-            "flythinker-shared", None, [shared],
-            lambda ids, mask, n, cb, graphs=graphs: shared.generate(ids, mask, max_new_tokens=n, on_token=cb,
-                                                                     cuda_graphs=graphs, **never),
-            dict(shared_floors), steps,
-        ))
-        contenders.append(Contender(
-            "cot", None, [g], lambda ids, mask, n, cb, graphs=graphs: cot(ids, mask, n, cb, graphs),
-            thinking_floors(g, rationale, settings.prompt_tokens), steps, batched=False,
-        ))
-    if "eager" in settings.steps:  # Coconut's latent passes have no static-cache path: eager only
-        contenders.append(Contender("coconut", None, [g], coconut,
-                                    thinking_floors(g, thought_tokens, settings.prompt_tokens), batched=False))
-    return contenders
-
-
 # ---------------------------------------------------------------------------------- the run
 Key = tuple[str, str | None, str]  # method, overlap, steps
 
@@ -410,37 +249,43 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
     overlaps = overlaps or _overlap_modes(device)
     raw: dict[Key, dict[str, float]] = {}
 
+    bench = BenchContext(
+        generator=g, reasoner=r if r is not g else copy.deepcopy(g), device=device, steps=tuple(settings.steps),
+        overlaps=tuple(overlaps), packed=settings.weights == "packed", prompt_tokens=settings.prompt_tokens,
+        rationale_tokens=settings.rationale_tokens, latent_thoughts=settings.latent_thoughts,
+        lora_targets=tuple(settings.lora_targets),
+    )
+    r = None  # the methods copy what they change; free this one
+
     # Training first, on fresh copies freed after each method: optimizer state is the largest memory.
     log.info("training steps")
-    targets = list(settings.lora_targets)
-    trainers: list[tuple[str, Callable[[], nn.Module], int]] = [
-        ("sft", lambda: copy.deepcopy(g), 0),
-        ("flythinker", lambda: FlyThinker.from_models(copy.deepcopy(r), copy.deepcopy(g)), 0),
-        ("flythinker-shared", lambda: FlyThinkerShared.from_model(copy.deepcopy(g), lora_targets=targets), 0),
-        ("cot", lambda: copy.deepcopy(g), settings.rationale_tokens),  # SFT on rationale + answer
-    ]
-    settings.notes.append("coconut: training step not timed (its curriculum stages run k+1 sequential passes)")
     train_times = {}
-    for method, build, extra_tokens in trainers:
+    for trainer in (t for method in METHODS.values() for t in method.bench_trainers(bench)):
         # Weights, gradients and AdamW's two moments: four copies of every trained parameter.
-        need = 4 * (module_bytes(g) + (module_bytes(r) if method == "flythinker" else 0)) * 1.1
+        need = 4 * trainer.trained_bytes * 1.1
         if need > _available_bytes(device):
-            settings.notes.append(f"{method}: training step skipped, needs about {need / 2**30:.1f} GiB")
+            settings.notes.append(f"{trainer.method}: training step skipped, needs about {need / 2**30:.1f} GiB")
             continue
-        model = build()
-        train_times[method] = train_step_seconds(model, settings, vocab, device, extra_tokens)
+        model = trainer.build()
+        train_times[trainer.method] = train_step_seconds(model, settings, vocab, device, trainer.extra_tokens)
         del model
         _free(device)
 
-    contenders = make_contenders(g, r if r is not g else copy.deepcopy(g), settings, device, overlaps)
-    r = None  # the contenders hold their own copies; free this one
+    floors = Floors(g)  # from the weights as loaded, before any packing
+    contenders = [e for method in METHODS.values() for e in method.bench_entries(bench, floors)]
+    if bench.packed:  # after the methods copied it: each packs its own copies for the rows it reads
+        prepack_linears(g)
+    bench.reasoner = None
     _free(device)
-    sft_bytes = module_bytes(*contenders[0].modules)
+    for method in sorted({c.method for c in contenders} - set(train_times)):
+        settings.notes.append(f"{method}: training step not timed (see its bench_trainers)")
+    baseline = next(c for c in contenders if c.baseline)
+    base_bytes = module_bytes(*baseline.modules)
     for c in contenders:
-        # Training does not depend on how a method decodes: reported once, with the eager rows.
-        raw[c.key] = {"train_step_s": train_times[c.method]} if c.method in train_times and c.steps == "eager" else {}
+        # Training does not depend on how a method decodes: reported once, with the dynamic rows.
+        raw[c.key] = {"train_step_s": train_times[c.method]} if c.method in train_times and c.steps == "dynamic" else {}
         # Memory floor from the weights as they are held (a packed tied head is a second copy).
-        c.floors["peak_memory_mb"] = module_bytes(*c.modules) / sft_bytes
+        c.floors["peak_memory_mb"] = module_bytes(*c.modules) / base_bytes
 
     # Peak memory: each contender's weights plus what one batch-1 decode adds (also its warm-up).
     prompt = random_prompts(1, settings.prompt_tokens, vocab, device, seed)
@@ -471,7 +316,7 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
                 samples[c.key].setdefault(f"decode_tokens_per_s_b{batch}", []).append(batch / timing.per_token)
     for key, measures in samples.items():
         raw[key].update({m: statistics.median(v) for m, v in measures.items()})
-    return _with_ratios(raw, {c.key: c.floors for c in contenders})
+    return _with_ratios(raw, {c.key: c.floors for c in contenders}, baseline.method)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -489,10 +334,10 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _with_ratios(raw: dict[Key, dict[str, float]], floors: dict[Key, dict[str, float]]) -> list[Result]:
+def _with_ratios(raw: dict[Key, dict[str, float]], floors: dict[Key, dict[str, float]], baseline: str) -> list[Result]:
     results = []
     for (method, overlap, steps), values in raw.items():
-        sft = raw.get(("sft", None, steps), {})
+        sft = raw.get((baseline, None, steps), {})
         for measure, value in values.items():
             unit, higher_is_better = MEASURES[measure]
             base = sft.get(measure)
@@ -525,7 +370,7 @@ def machine_info(device: torch.device) -> dict[str, object]:
 
 def _label(r: Result) -> str:
     label = r.method if r.overlap is None else f"{r.method}[{r.overlap}]"
-    return label if r.steps == "eager" else f"{label}+graphs"
+    return label if r.steps == "dynamic" else f"{label}+{r.steps}"
 
 
 def format_table(results: list[Result]) -> str:
@@ -569,7 +414,7 @@ def bench_command(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     weights: Literal["auto", "plain", "packed"] = "auto",
     overlaps: list[str] | None = None,
-    steps: list[Literal["eager", "graphs"]] | None = None,
+    steps: list[Literal["dynamic", "graph"]] | None = None,
     prompt_tokens: int = 32,
     new_tokens: int = 16,
     batch_new_tokens: int = 6,
@@ -601,7 +446,8 @@ def bench_command(
         weights: "packed" pre-packs every method's linear weights for oneDNN (CPU, fp32 only);
             "auto" packs where that is possible. Every method always gets the same format.
         overlaps: FlyThinker overlap modes to time (default: every mode this machine has).
-        steps: "eager" and/or "graphs" (static caches, CUDA-graph replay; CUDA only). Default: both
+        steps: Step modes, as the decoders name them: "dynamic" (growing caches) and/or "graph"
+            (static caches, CUDA-graph replay; CUDA only). Default: both
             on a GPU, eager on a CPU. Each method is compared with SFT decoding the same way.
         prompt_tokens: Prompt length of the batch-1 runs (ttft and per-token latency).
         new_tokens: Tokens generated per batch-1 run.
@@ -633,9 +479,9 @@ def bench_command(
         raise FlyThinkerError("weights='packed' needs float32 weights on a CPU with oneDNN")
     resolved_weights = "packed" if weights == "packed" or (weights == "auto" and packable) else "plain"
     g_source = generator or shape
-    steps = steps or (["eager", "graphs"] if torch_device.type == "cuda" else ["eager"])
-    if "graphs" in steps and torch_device.type != "cuda":
-        raise FlyThinkerError(f"steps 'graphs' needs a CUDA device, not {torch_device}")
+    steps = steps or (["dynamic", "graph"] if torch_device.type == "cuda" else ["dynamic"])
+    if "graph" in steps and torch_device.type != "cuda":
+        raise FlyThinkerError(f"step mode 'graph' needs a CUDA device, not {torch_device}")
     settings = BenchSettings(
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_new_tokens=batch_new_tokens, repeats=repeats,
         train_batch=train_batch, train_tokens=train_tokens, device=str(torch_device), dtype=dtype,
@@ -659,7 +505,7 @@ def bench_command(
 
 @contextlib.contextmanager
 def _graph_failures_noted(settings: BenchSettings):
-    """A failed CUDA-graph capture falls back to eager steps; its "graphs" rows must say so."""
+    """A failed CUDA-graph capture falls back to eager steps; its "graph" rows must say so."""
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -667,7 +513,7 @@ def _graph_failures_noted(settings: BenchSettings):
             if note not in settings.notes:
                 settings.notes.append(note)
 
-    handler, source = Collect(level=logging.WARNING), logging.getLogger("flythinker.graphs")
+    handler, source = Collect(level=logging.WARNING), logging.getLogger("flythinker.model.graphs")
     source.addHandler(handler)
     try:
         yield

@@ -1,7 +1,8 @@
 """Tables and plots from a run's metrics: results.csv, results.md and plots/*.png.
 
 Input is the ``metrics.json`` mapping ``{task: {label: metrics}}`` the runner writes; nothing here
-knows one method from another except through the numbers and the saved method settings.
+knows one method from another except through the numbers, the saved method settings and the
+registry's baseline.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt
 
-from flythinker.stats import PairedDifference, paired_bootstrap
+from flythinker.evaluation.stats import PairedDifference, paired_bootstrap
+from flythinker.methods import METHODS
 
 QUALITY = ("rouge1", "rougeL", "meteor", "bleu")
 EFFICIENCY = ("train_s_per_sample", "decode_ms_per_token", "ttft_ms")
 LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "meteor": "METEOR", "bleu": "BLEU"}
-BASELINE = "sft"  # the method every other row is compared with, as in the paper
+# The method every other row is compared with (SFT, as in the paper): the registry says which.
+BASELINE = next(name for name, method in METHODS.items() if method.baseline)
 PAIRED = ("rouge1", "rougeL", "meteor")  # per-record metrics; BLEU is corpus-level
 
 

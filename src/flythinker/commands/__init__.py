@@ -1,0 +1,1 @@
+"""The `flythinker` commands: each a typed function, its docstring the help."""
