@@ -51,10 +51,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from flythinker.commands.write import _TASK_BY_FIELD, _USER_FIELD, lens
+from flythinker.commands.write import lens
 from flythinker.config import GenerationConfig
 from flythinker.data.collate import Encoded, collate, encode_prompts
-from flythinker.data.longlamp import TASKS, LongLaMPRecord, parse_record
+from flythinker.data.longlamp import TASKS, LongLaMPRecord, one_user_record, task_of_profile
 from flythinker.data.prompts import PromptBudgets, apply_chat, build_prompt
 from flythinker.errors import FlyThinkerError
 from flythinker.model.decoding import CausalLMDecoder, StepDecoder, decode
@@ -591,14 +591,13 @@ def _messages(body: dict) -> list[dict[str, str]]:
 def _profile_record(items: list, query: str, task: str | None) -> LongLaMPRecord:
     """A one-user LongLaMP record from profile items and a query, as `flythinker write` builds it."""
     if task is None:
-        first = items[0] if isinstance(items[0], dict) else {}
-        task = next((t for key, t in _TASK_BY_FIELD.items() if key in first), None)
+        task = task_of_profile(items)
         if task is None:
-            raise RequestError(f"cannot tell the task from profile item keys {sorted(first)}; "
+            keys = sorted(items[0]) if items and isinstance(items[0], dict) else []
+            raise RequestError(f"cannot tell the task from profile item keys {keys}; "
                                f"send 'task' ({', '.join(TASKS)})", param="task")
-    record = {"input": query, "output": "-", _USER_FIELD[task]: "you", "profile": items}
     try:
-        return parse_record(task, record, default_id="request", location="request")
+        return one_user_record(task, query, items, record_id="request", location="request")
     except FlyThinkerError as exc:
         raise RequestError(str(exc), param="profile") from None
 

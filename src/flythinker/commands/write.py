@@ -18,15 +18,11 @@ import torch
 
 from flythinker.config import GenerationConfig
 from flythinker.data.collate import encode_prompts
-from flythinker.data.longlamp import TASKS, LongLaMPRecord, parse_record
+from flythinker.data.longlamp import TASKS, LongLaMPRecord, one_user_record, task_of_profile
 from flythinker.data.prompts import PromptBudgets, build_prompt
 from flythinker.errors import FlyThinkerError
 from flythinker.model.decoding import decode
 from flythinker.model.flythinker import FlyThinker
-
-# The field that tells one task's profile items from another's.
-_TASK_BY_FIELD = {"reviewText": "product_review", "abstract": "abstract_generation", "content": "topic_writing"}
-_USER_FIELD = {"product_review": "reviewerId", "abstract_generation": "name", "topic_writing": "author"}
 
 
 @dataclass
@@ -49,18 +45,15 @@ def read_profile(path: str, query: str, task: str | None) -> LongLaMPRecord:
     if not isinstance(items, list) or not items:
         raise FlyThinkerError(f"{file}: expected a non-empty list of profile items (or an object with one under 'profile')")
     if task is None:
-        first = items[0] if isinstance(items[0], dict) else {}
-        task = next((t for field, t in _TASK_BY_FIELD.items() if field in first), None)
+        task = task_of_profile(items)
         if task is None:
-            raise FlyThinkerError(
-                f"{file}: cannot tell the task from profile item keys {sorted(first)}; pass --task ({', '.join(TASKS)})"
-            )
+            keys = sorted(items[0]) if isinstance(items[0], dict) else []
+            raise FlyThinkerError(f"{file}: cannot tell the task from profile item keys {keys}; pass --task ({', '.join(TASKS)})")
     if task not in TASKS:
         raise FlyThinkerError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if not query.strip():
         raise FlyThinkerError("--query is empty")
-    record = {"input": query, "output": "-", _USER_FIELD[task]: "you", "profile": items}
-    return parse_record(task, record, default_id="write", location=str(file))
+    return one_user_record(task, query, items, record_id="write", location=str(file))
 
 
 def lens(model: FlyThinker, h: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -268,6 +268,23 @@ def parse_record(task: str, raw: object, *, default_id: str, location: str) -> L
     )
 
 
+# The profile-item field that tells one task's items from another's.
+TASK_BY_PROFILE_FIELD = {"reviewText": "product_review", "abstract": "abstract_generation", "content": "topic_writing"}
+
+
+def task_of_profile(items: Sequence[object]) -> str | None:
+    """The task whose profile items these are, told by the first item's fields (None: unknown)."""
+    first = items[0] if items and isinstance(items[0], dict) else {}
+    return next((task for key, task in TASK_BY_PROFILE_FIELD.items() if key in first), None)
+
+
+def one_user_record(task: str, query: str, profile: object, *, record_id: str, location: str) -> LongLaMPRecord:
+    """A record for one user from their profile items and a query, to write for (`flythinker
+    write`, `flythinker serve`): validated like any record; its target is a placeholder."""
+    raw = {"input": query, "output": "-", _SCHEMAS[task].user_field: "you", "profile": profile}
+    return parse_record(task, raw, default_id=record_id, location=location)
+
+
 # --------------------------------------------------------------------------- local files
 
 
