@@ -103,3 +103,40 @@ def test_cuda_graph_replays_give_the_cpu_tokens(kind, overlap, make_model, token
     assert torch.equal(out.sequences.cpu(), reference.sequences)
     score_diff = max((s.cpu() - d).abs().max().item() for s, d in zip(out.scores, reference.scores))
     assert score_diff <= 1e-3, f"graph vs CPU logits differ by {score_diff}"
+
+
+# --------------------------------------------------------------------------- rows leaving a batch
+
+
+@pytest.mark.parametrize("steps", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["plain", "flythinker-linear", "shared"])
+def test_a_row_nobody_waits_for_leaves_and_the_rest_decode_as_before(kind, steps, make_model, tokenizer, prompt_batch):
+    """A server's client leaves at step 3: its row is padding from then on, the others decode as
+    if it had stayed; with dynamic caches it also leaves the caches (smaller steps), with static
+    ones (a fixed batch) it stays as padding."""
+    ids, mask = prompt_batch.input_ids, prompt_batch.attention_mask
+    assert ids.shape[0] >= 2
+    with torch.no_grad():
+        whole = decode(decoders(kind, make_model, tokenizer, steps), ids, mask, GenerationConfig(max_new_tokens=NEW_TOKENS),
+                       eos_token_id=-1, pad_token_id=0).sequences
+        decoder, batch_sizes, step = decoders(kind, make_model, tokenizer, steps), [], [0]
+
+        def on_token(_):
+            step[0] += 1
+            batch_sizes.append(len(decoder.rows))
+
+        out = decode(decoder, ids, mask, GenerationConfig(max_new_tokens=NEW_TOKENS), eos_token_id=-1, pad_token_id=0,
+                     on_token=on_token, unwanted=lambda: [0] if step[0] >= 3 else []).sequences
+    assert torch.equal(out[1:], whole[1:])
+    assert torch.equal(out[0, :3], whole[0, :3]) and bool((out[0, 3:] == 0).all())
+    rows = ids.shape[0]
+    expected = [rows] * 3 + [rows - 1] * (NEW_TOKENS - 3) if steps == "dynamic" else [rows] * NEW_TOKENS
+    assert batch_sizes == expected
+    assert decoder.rows.tolist() == (list(range(1, rows)) if steps == "dynamic" else list(range(rows)))
+
+
+def test_rows_leaving_and_returned_scores_do_not_mix(make_model, tokenizer, prompt_batch):
+    with pytest.raises(FlyThinkerError, match="cannot leave"):
+        decode(decoders("plain", make_model, tokenizer, "dynamic"), prompt_batch.input_ids, prompt_batch.attention_mask,
+               GenerationConfig(max_new_tokens=2), eos_token_id=-1, pad_token_id=0, output_scores=True,
+               unwanted=lambda: [])

@@ -159,6 +159,40 @@ def test_a_client_that_leaves_before_its_answer_frees_its_row(server):
     assert health(server)["requests_served"] == before["requests_served"]
 
 
+def test_a_client_that_leaves_mid_batch_stops_costing_and_the_others_are_unchanged(server):
+    """Two rows share a batch; one client leaves after its first piece. Its row leaves the batch
+    (the server's row-steps count one row from then on) and the other row's text is its own."""
+    steps = 300
+    before = health(server)
+
+    async def scenario() -> str:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        blocker = await client.completions.create(model=server.model, prompt=BLOCKER, max_tokens=1900, stream=True)
+        await blocker.__anext__()
+        stays = asyncio.create_task(client.completions.create(model=server.model, prompt=BLOCKER, max_tokens=steps,
+                                                              stream=True))
+        leaves = asyncio.create_task(client.completions.create(model=server.model, prompt=BLOCKER + " again",
+                                                               max_tokens=1900, stream=True))
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient() as http:
+            while (await http.get(f"{server.url}/health")).json()["models"][server.model]["waiting"] < 2:
+                assert time.monotonic() < deadline, "the two requests did not queue up"
+                await asyncio.sleep(0.02)
+        await blocker.close()
+        leaving = await leaves
+        await leaving.__anext__()
+        await leaving.close()
+        return "".join([c.choices[0].text async for c in await stays])
+
+    text = asyncio.run(scenario())
+    after = health(server)
+    assert after["decode_batches"] - before["decode_batches"] == 2  # the blocker's, then the two together
+    assert text == flythinker_text(server, raw_ids(server, BLOCKER), steps)
+    # The batch of two ran `steps` steps; had the leaver stayed, it would count 2 * steps.
+    blocker_steps = 3  # at most: the blocker's batch ends within a step or two of its client leaving
+    assert after["row_steps"] - before["row_steps"] < 1.5 * steps + blocker_steps * 2, after
+
+
 def test_the_stream_carries_the_reasoning_lens_when_asked(server):
     body = {"model": server.model, "prompt": "Hello", "max_tokens": 5, "stream": True, "lens_top": 3}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:

@@ -320,7 +320,10 @@ class BatchWorker:
         self.wake = threading.Condition()
         self.closing = False
         # Written by the worker thread only.
-        self.counters = {"requests_served": 0, "requests_cancelled": 0, "decode_batches": 0, "rows_decoded": 0}
+        # row_steps: one per row per decode step it was computed in; a row whose client left, or
+        # that ended, stops counting (it leaves the batch where the decoder can shrink it).
+        self.counters = {"requests_served": 0, "requests_cancelled": 0, "decode_batches": 0, "rows_decoded": 0,
+                         "row_steps": 0}
         self.thread = threading.Thread(target=self._serve, name=f"decode {served.id}", daemon=True)
 
     def start(self) -> None:
@@ -388,6 +391,7 @@ class BatchWorker:
         decoder = served.decoder()
 
         def on_token(tokens: torch.Tensor) -> None:
+            self.counters["row_steps"] += len(decoder.rows)
             entries = self._lens(decoder, rows, tokens)
             for i, token in enumerate(tokens.tolist()):
                 if rows[i].live and rows[i].advance(token, entries[i]):
@@ -399,7 +403,8 @@ class BatchWorker:
             with torch.no_grad():
                 decode(decoder, batch["input_ids"], batch["attention_mask"], config,
                        eos_token_id=sorted(served.eos_token_ids), pad_token_id=served.pad_token_id,
-                       context_length=served.context_length, on_token=on_token)
+                       context_length=served.context_length, on_token=on_token,
+                       unwanted=lambda: [i for i, row in enumerate(rows) if not row.live])
         except _Settled:
             pass
         except Exception as exc:  # one bad batch must not stop the server; its clients are told
@@ -418,20 +423,24 @@ class BatchWorker:
         self.counters["requests_cancelled"] += sum(not row.done for row in rows)
 
     def _lens(self, decoder: StepDecoder, rows: list[Row], tokens: torch.Tensor) -> list[dict | None]:
-        """Each row's lens entry for this step (None where not asked for or not live)."""
+        """Each row's lens entry for this step (None where not asked for or not live). The
+        decoder's reasoning vectors are for the rows still in the batch (``decoder.rows``)."""
         wanted = [row.lens_top if row.live else 0 for row in rows]
         if not any(wanted):
             return [None] * len(rows)
         decode_token = self.served.tokenizer.decode
         probs, top = lens(self.served.model, decoder.reasoning(), max(wanted))
-        written = probs.gather(1, tokens[:, None].to(probs.device))[:, 0].tolist()
+        in_batch = {row: at for at, row in enumerate(decoder.rows.tolist())}
+        current = tokens[decoder.rows]
+        written = probs.gather(1, current[:, None].to(probs.device))[:, 0].tolist()
         top_p = probs.gather(1, top).tolist()
         entries: list[dict | None] = []
         for i, k in enumerate(wanted):
-            entries.append(None if not k else {
+            at = in_batch.get(i)
+            entries.append(None if not k or at is None else {
                 "token": decode_token([int(tokens[i])]),
-                "p": round(written[i], 4),
-                "top": [[decode_token([t]), round(p, 4)] for t, p in zip(top[i, :k].tolist(), top_p[i][:k])],
+                "p": round(written[at], 4),
+                "top": [[decode_token([t]), round(p, 4)] for t, p in zip(top[at, :k].tolist(), top_p[at][:k])],
             })
         return entries
 

@@ -26,7 +26,7 @@ import functools
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,6 +87,9 @@ class StepDecoder(ABC):
     device: torch.device  # where logits come out and tokens are chosen
     steps: str = "dynamic"
     max_length: int | None = None
+    # Which of the batch's rows the caches hold, in order (`decode` updates it when rows leave);
+    # None until decoding starts.
+    rows: torch.Tensor | None = None
     static: StaticStep | None = None  # the step on static buffers, when the decoder uses one
     inputs: StepInputs | None = None  # its fixed input buffers
 
@@ -128,6 +131,12 @@ class StepDecoder(ABC):
         """The reasoning vector fused into the step that produced the current logits, if any."""
         return None
 
+    def keep_rows(self, index: torch.Tensor) -> bool:
+        """Keep only the batch rows at ``index`` (positions in the current batch) in every cache
+        and buffer, so rows nobody waits for stop costing compute. False: this decoder cannot
+        (static caches and CUDA graphs have a fixed batch), and the rows stay as padding."""
+        return False
+
 
 class CausalLMDecoder(StepDecoder):
     """A plain Hugging Face causal LM with a KV cache: the SFT and zero-shot baselines.
@@ -152,6 +161,12 @@ class CausalLMDecoder(StepDecoder):
         self.cache = cache_kwargs(self.lm, static_cache(self.lm.config, [self.prefill_cache], self.max_length))
         self.prefill_cache = None  # copied: free it
         return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype)
+
+    def keep_rows(self, index):
+        if self.steps != "dynamic":
+            return False
+        self.prefill_cache.batch_select_indices(index)
+        return True
 
     def _logits(self, **inputs) -> torch.Tensor:
         return self.lm(**inputs, use_cache=True, **self.cache).logits[:, -1].float()
@@ -206,6 +221,14 @@ class FlyThinkerDecoder(StepDecoder):
         self.r_prefill = self.g_prefill = None  # copied: free them
         return StepInputs(self.prompt_mask, length, model.generator.dtype)
 
+    def keep_rows(self, index):
+        if self.steps != "dynamic":
+            return False
+        self.r_prefill.batch_select_indices(index.to(self.r_dev))
+        self.g_prefill.batch_select_indices(index)
+        self.h_prev = self.h_prev[index]
+        return True
+
     def _both(self, tokens, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of each model; both read only the new token and h_prev, neither waits on the other."""
         model, r_dev = self.model, self.r_dev
@@ -241,8 +264,8 @@ class SharedDecoder(StepDecoder):
     (``steps`` as for `flythinker.model.decoding.CausalLMDecoder`).
     """
 
-    def __init__(self, model: FlyThinker, rows: AdapterRows, steps: str = "dynamic") -> None:
-        self.model, self.rows = model, rows
+    def __init__(self, model: FlyThinker, adapter_rows: AdapterRows, steps: str = "dynamic") -> None:
+        self.model, self.adapter_rows = model, adapter_rows
         self.lm = model.generator
         self.device = self.lm.device
         check_step_mode(steps, self.device)
@@ -280,12 +303,20 @@ class SharedDecoder(StepDecoder):
         self.cache, self.prefill_caches = static_cache(self.lm.config, self.prefill_caches, self.max_length), ()
         return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype, rows=2 * batch)
 
+    def keep_rows(self, index):
+        if self.steps != "dynamic":
+            return False
+        batch = self.h_prev.shape[0]  # the stacked cache holds the generator rows, then the reasoner's
+        self.cache.batch_select_indices(torch.cat([index, index + batch]))
+        self.h_prev = self.h_prev[index]
+        return True
+
     def _both_roles(self, tokens, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """One 2B-row forward; ``attention_mask`` already covers all 2B rows."""
         batch = tokens.shape[0]
         token_embeds = self.lm.get_input_embeddings()(tokens[:, None])
         embeds = torch.cat([self.model.fuse(token_embeds, self.h_prev[:, None], self.target_norm), token_embeds])
-        with self.rows.active(slice(batch, None)):
+        with self.adapter_rows.active(slice(batch, None)):
             hidden = self.lm.get_decoder()(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
@@ -356,6 +387,7 @@ def decode(
     on_token: Callable[[torch.Tensor], None] | None = None,
     output_scores: bool = False,
     output_reasoning: bool = False,
+    unwanted: Callable[[], Collection[int]] | None = None,
 ) -> GenerationOutput:
     """The decode loop shared by every model family.
 
@@ -370,6 +402,10 @@ def decode(
         on_token: called after every step with the (batch,) tensor of new tokens, for streaming.
         output_scores: also return each step's raw logits.
         output_reasoning: also return each step's reasoning vector.
+        unwanted: called after every step: the batch rows nobody waits for any more (a server's
+            client that left). They leave the batch, so the rest decode as fast as a smaller
+            batch (where the decoder can: `StepDecoder.keep_rows`), and are padding from then on.
+            The rows left decode as they would have; ``decoder.rows`` tells which they are.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise FlyThinkerError(f"input_ids must be (batch, length) with length >= 1, got {tuple(input_ids.shape)}")
@@ -378,20 +414,24 @@ def decode(
     empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise FlyThinkerError(f"empty prompt in batch row(s) {empty}: every prompt needs at least one token")
+    if unwanted is not None and (output_scores or output_reasoning):
+        raise FlyThinkerError("rows cannot leave a batch whose scores or reasoning vectors are returned")
     max_new_tokens = _fit_context(context_length, input_ids.shape[1], config.max_new_tokens)
     decoder.reserve(input_ids.shape[1] + max_new_tokens)
     device = decoder.device
     select = _token_selector(config, device)
     mask = attention_mask.to(device)
     position = position_ids_from_mask(mask)
+    batch = input_ids.shape[0]
+    decoder.rows = rows = torch.arange(batch, device=device)  # the batch's rows still decoding
     try:
         logits = decoder.prefill(input_ids.to(device), mask, position)
         position = position[:, -1:]
 
-        batch = input_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=device)
-        tokens: list[torch.Tensor] = []
+        tokens: list[torch.Tensor] = []  # (batch,) per step, every row of the batch
+        chosen: list[torch.Tensor] = []  # the same for the rows still decoding (repetition controls)
         scores: list[torch.Tensor] | None = [] if output_scores else None
         reasoning: list[torch.Tensor] | None = [] if output_reasoning else None
         for step in range(max_new_tokens):
@@ -399,16 +439,25 @@ def decode(
                 scores.append(logits)
             if reasoning is not None:
                 reasoning.append(decoder.reasoning())
-            token = torch.where(finished, pad_token_id, select(logits, tokens))
+            token = torch.where(finished, pad_token_id, select(logits, chosen))
+            chosen.append(token)
+            if len(rows) < batch:
+                token = torch.full((batch,), pad_token_id, dtype=token.dtype, device=device).index_copy_(0, rows, token)
             tokens.append(token)
             if on_token is not None:
                 on_token(token)
-            finished |= torch.isin(token, eos)
+            finished |= torch.isin(chosen[-1], eos)
+            if unwanted is not None:
+                finished |= torch.isin(rows, torch.tensor(sorted(unwanted()), dtype=rows.dtype, device=device))
+                if bool(finished.any()) and not bool(finished.all()) and decoder.keep_rows(keep := (~finished).nonzero().flatten()):
+                    decoder.rows = rows = rows[keep]
+                    finished, mask, position = finished[keep], mask[keep], position[keep]
+                    chosen = [c[keep] for c in chosen]
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             position = position + 1
-            logits = decoder.step(token, mask, position)
+            logits = decoder.step(chosen[-1], mask, position)
     finally:
         decoder.release()
     return GenerationOutput(torch.stack(tokens, dim=1), scores, reasoning)
