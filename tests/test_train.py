@@ -121,3 +121,30 @@ def test_max_steps_runs_exactly_that_many_steps_and_logs_the_rate_each_used(make
     assert result.steps == 3 and len(result.losses) == 3
     rates = [json.loads(line)["lr"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3])  # linear decay; the first step at the peak
+
+
+def test_report_to_tensorboard_writes_the_logged_scalars(make_model, tokenizer, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=3, batch_size=2, lr=1e-3, report_to="tensorboard",
+                         max_grad_norm=1.0)
+    model = make_model(fusion="linear", gate="scalar")
+    result = train(model, tokenizer, copy_examples(6), config, save=False, show_progress=False)
+    runs = {e.parent for e in (tmp_path / "tracking").rglob("events.out.tfevents.*")}
+    assert runs, "no TensorBoard event file"
+    # accelerate writes the scalars in the run's directory and the hyperparameters in a subfolder.
+    scalars = next(a for a in (EventAccumulator(str(d)).Reload() for d in runs) if a.Tags()["scalars"])
+    tags = set(scalars.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/target_tokens_per_s", "fusion/lam", "fusion/gate_abs_mean"} <= tags
+    logged = [e.value for e in scalars.Scalars("train/loss")]
+    assert [e.step for e in scalars.Scalars("train/loss")] == [1, 2, 3]
+    assert logged == pytest.approx(result.losses, rel=1e-6)
+    # The JSONL log stays, the same numbers.
+    lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [line["loss"] for line in lines] == pytest.approx(logged, rel=1e-6)
+
+
+def test_an_unknown_tracker_is_named():
+    with pytest.raises(Exception, match="report_to must be one of"):
+        TrainConfig(report_to="neptune-ish")

@@ -22,6 +22,8 @@ DType = Literal["float32", "bfloat16", "float16"]
 Overlap = Literal["none", "streams", "devices"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Schedule = Literal["cosine", "linear", "constant"]
+# accelerate's experiment trackers (accelerate.utils.LoggerType), and "none".
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "trackio", "swanlab")
 
 
 # `FlyThinkerConfig.reasoner` value that makes the generator its own reasoner (plus an adapter).
@@ -272,6 +274,11 @@ class TrainConfig:
             rerunning the same command after a crash or kill picks the run up where it was
             saved. It refuses (naming the difference) if the data or settings changed. False
             starts afresh, deleting that directory's states and train_log.jsonl.
+        report_to: Also log each step (loss, learning rate, gradient norm, target tokens per
+            second, the fusion's lambda and gate) to an experiment tracker, from the main process
+            only, under output_dir/tracking: "none" (train_log.jsonl only, always written),
+            "tensorboard", "wandb" (offline unless WANDB_MODE says otherwise), or another of
+            accelerate's trackers. The tracker's package must be installed.
     """
 
     output_dir: str = "runs/train"
@@ -293,6 +300,7 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 2
     resume: bool = True
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         require(
@@ -321,6 +329,7 @@ class TrainConfig:
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         require(self.save_every >= 0, f"save_every must be >= 0 (0 saves no states), got {self.save_every}")
         require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        require(self.report_to in TRACKERS, f"report_to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
 
 
 def from_dict(cls: type, raw: Any, source: str = "config") -> Any:

@@ -220,10 +220,17 @@ def heldout_loss(
 def _settings(config: RunConfig, task: TaskConfig, method: MethodConfig) -> dict[str, Any]:
     """Everything that decides a row's checkpoint and predictions (not how many records are
     evaluated, nor batch sizes of decoding, which do not change a prediction)."""
-    return to_plain({
+    settings = to_plain({
         "method": method, "task": replace(task, eval_limit=0), "training": config.training,
         "generation": config.generation, "budgets": config.budgets, "dtype": config.dtype, "seed": config.seed,
     })
+    for name in _NOT_DECIDING:
+        settings["training"].pop(name)
+    return settings
+
+
+# Training settings that change how a run is watched, not what it produces.
+_NOT_DECIDING = ("report_to",)
 
 
 def _check_settings(work: Path, settings: dict[str, Any]) -> None:

@@ -29,9 +29,17 @@ from flythinker.errors import FlyThinkerError
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+TRACKING_DIR = "tracking"
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    tracking = config.report_to != "none"
+    if config.report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; sync later
     accelerator = Accelerator(
+        log_with=config.report_to if tracking else None,
+        project_dir=os.path.join(config.output_dir, TRACKING_DIR) if tracking else None,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
         # The trainer steps the scheduler once per optimizer step itself; accelerate's default
@@ -45,6 +53,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # A launcher config may set its own accumulation (accelerate reads it from the environment
     # over the argument); TrainConfig is the one source, since the step plan is built from it.
     accelerator.gradient_accumulation_steps = config.grad_accum
+    if tracking and not accelerator.log_with:
+        raise FlyThinkerError(
+            f"report_to={config.report_to!r}: its package is not installed (pip install {config.report_to})"
+        )
     if accelerator.num_processes != launched:
         raise FlyThinkerError(
             f"launched as {launched} processes but accelerate set up {accelerator.num_processes}; "

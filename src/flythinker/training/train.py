@@ -51,6 +51,7 @@ RUN_CONFIG_NAME = "run_config.yaml"
 # Settings that may change between a run and its resumption: they do not alter the updates.
 _RESUMABLE_CHANGES = {
     "output_dir",
+    "report_to",
     "resume",
     "save_every",
     "keep_last",
@@ -139,8 +140,14 @@ def train(
         disable=not (show_progress and accelerator.is_main_process),
     )
     loop = _Loop(accelerator, model, optimizer, scheduler, plan, encoded, pad, config, log_path)
-    with progress:  # closed on errors too, so a message after it starts on a line of its own
-        loop.run(state, progress)
+    if config.report_to != "none":
+        accelerator.init_trackers(out_dir.name or "flythinker", config=_hyperparameters(config, accelerator))
+    try:
+        with progress:  # closed on errors too, so a message after it starts on a line of its own
+            loop.run(state, progress)
+    finally:
+        if config.report_to != "none":
+            accelerator.end_training()  # flushes the tracker's files
 
     checkpoint = None
     if save:
@@ -217,11 +224,19 @@ class _Loop:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
             start = time.perf_counter()
             loss, grad_norm = self.step(step)
-            state.elapsed_s += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            state.elapsed_s += seconds
             state.losses.append(loss)
             state.step = step + 1
             progress.update()
             progress.set_postfix(loss=f"{loss:.4f}")
+            if config.report_to != "none":  # accelerate logs from the main process only
+                tokens = _labelled_tokens(self.encoded[i] for i in plan.step_examples(step))
+                scalars = {"train/loss": loss, "train/lr": lr, "train/target_tokens_per_s": tokens / max(seconds, 1e-9)}
+                if grad_norm is not None:
+                    scalars["train/grad_norm"] = grad_norm
+                scalars.update({f"fusion/{k}": v for k, v in (log_values() if log_values is not None else {}).items()})
+                self.accelerator.log(scalars, step=state.step)
             if self.accelerator.is_main_process and (
                 state.step % config.log_every == 0 or state.step == plan.total_steps
             ):
@@ -324,6 +339,12 @@ def _start(
         log_path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return checkpoints.TrainerState(signature=signature)
+
+
+def _hyperparameters(config: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
+    """The run's settings as a tracker records them: flat scalars (lists as text)."""
+    values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in to_plain(config).items()}
+    return {**values, "processes": accelerator.num_processes}
 
 
 def _signature(config: TrainConfig, plan: StepPlan, encoded: Sequence[Encoded], model: Any) -> dict:
