@@ -139,4 +139,4 @@ def test_rows_leaving_and_returned_scores_do_not_mix(make_model, tokenizer, prom
     with pytest.raises(FlyThinkerError, match="cannot leave"):
         decode(decoders("plain", make_model, tokenizer, "dynamic"), prompt_batch.input_ids, prompt_batch.attention_mask,
                GenerationConfig(max_new_tokens=2), eos_token_id=-1, pad_token_id=0, output_scores=True,
-               unwanted=lambda: [])
+               unwanted=list)

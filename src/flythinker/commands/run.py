@@ -32,8 +32,10 @@ from flythinker.errors import FlyThinkerError
 from flythinker.evaluation.metrics import evaluate_texts
 from flythinker.io import to_plain, write_json, write_yaml
 from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, RunContext, make_method
+from flythinker.training.engines import Processes, current_processes
 
 PREDICTIONS = "predictions.jsonl"
+PARTS_PREFIX = "predictions.part-"  # predictions.part-<process>.jsonl, while several processes decode
 TRAIN_STATS = "train_stats.json"
 SETTINGS = "settings.json"
 HELDOUT_LOSS = "heldout_loss.json"
@@ -131,30 +133,33 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     from flythinker.evaluation.report import write_report
 
     out = Path(config.out)
+    processes = current_processes()
     # Every row's settings are checked before anything is written: a refused rerun must leave the
     # directory, run_config.yaml included, describing the results it holds.
     for task in config.tasks:
         for method_config in config.methods:
             _check_settings(out / task.task / method_config.name, _settings(config, task, method_config))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_yaml(out / "run_config.yaml", config)
-    except OSError as exc:
-        raise FlyThinkerError(f"cannot write to run directory {out}: {exc.strerror}") from exc
+    with processes.main_first():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if processes.main:
+                write_yaml(out / "run_config.yaml", config)
+        except OSError as exc:
+            raise FlyThinkerError(f"cannot write to run directory {out}: {exc.strerror}") from exc
     results: dict[str, Any] = {}
     for task in config.tasks:
         train_records = _load(task, task.train_split, task.train_limit) if _any_trainable(config) else []
         eval_records = _load(task, task.eval_split, task.eval_limit)
         validation_records = _load(task, "validation", 0) if _reports_validation(task) else []
         for method_config in config.methods:
-            print(f"== {task.task} / {method_config.name}")
-            results.setdefault(task.task, {})[method_config.name] = run_method(
-                config, task, method_config, train_records, eval_records, validation_records
-            )
-            # After every row, not once at the end: a long study stopped part way (a session's
-            # end) still leaves tables of everything it finished.
-            write_json(out / "metrics.json", results)
-            write_report(results, out)
+            _say(processes, f"== {task.task} / {method_config.name}")
+            metrics = run_method(config, task, method_config, train_records, eval_records, validation_records, processes)
+            if processes.main:
+                results.setdefault(task.task, {})[method_config.name] = metrics
+                # After every row, not once at the end: a long study stopped part way (a
+                # session's end) still leaves tables of everything it finished.
+                write_json(out / "metrics.json", results)
+                write_report(results, out)
     return results
 
 
@@ -165,27 +170,47 @@ def run_method(
     train_records: Sequence[LongLaMPRecord],
     eval_records: Sequence[LongLaMPRecord],
     validation_records: Sequence[LongLaMPRecord] = (),
-) -> dict[str, Any]:
+    processes: Processes = Processes(),  # noqa: B008 - immutable
+) -> dict[str, Any] | None:
     """One row of the table: train (or reuse), predict what is missing, evaluate; for trained
-    rows, the teacher-forced loss on the evaluated records and on ``validation_records``."""
+    rows, the teacher-forced loss on the evaluated records and on ``validation_records``.
+
+    Under `accelerate launch` every process runs this: training is distributed by the engine,
+    the records still to decode are dealt out batch by batch, and the main process gathers the
+    predictions and evaluates (it returns the metrics; the others None).
+    """
     work = Path(config.out) / task.task / method_config.name
-    work.mkdir(parents=True, exist_ok=True)
-    _claim(work, _settings(config, task, method_config))
-    context = RunContext(task=task.task, budgets=config.budgets, dtype=config.dtype, work_dir=work, seed=config.seed)
+    with processes.main_first():
+        work.mkdir(parents=True, exist_ok=True)
+        if processes.main:
+            _claim(work, _settings(config, task, method_config))
+    context = RunContext(task=task.task, budgets=config.budgets, dtype=config.dtype, work_dir=work, seed=config.seed,
+                         processes=processes)
     method = make_method(method_config, context)
-    train_stats = _train_or_reuse(method, config, train_records, work)
+    train_stats = _train_or_reuse(method, config, train_records, work, processes)
 
     path = work / PREDICTIONS
-    done = read_prediction_rows(path)
+    with processes.main_first():  # the main process repairs a torn last line before anyone reads
+        done = read_predictions(work)
     todo = [r for r in eval_records if r.id not in done]
-    reused = len(eval_records) - len(todo)
-    if reused:
-        print(f"   reusing {reused} earlier prediction(s) from {path}; {len(todo)} to go", flush=True)
-    if todo:
-        for rows in method.predict(todo, config.generation, config.decode_batch_size):
-            append_rows(path, rows)
+    if len(todo) < len(eval_records):
+        _say(processes, f"   reusing {len(eval_records) - len(todo)} earlier prediction(s) in {work}; {len(todo)} to go")
+    mine = _my_batches(todo, config.decode_batch_size, processes)
+    # One process appends to predictions.jsonl as today; several each append to a part file of
+    # their own, gathered below (a kill leaves every finished batch in some file).
+    own = path if processes.count == 1 else work / f"{PARTS_PREFIX}{processes.index}.jsonl"
+    processes.wait()  # everyone has read what was done before anyone writes
+    if mine:
+        for rows in method.predict(mine, config.generation, config.decode_batch_size):
+            append_rows(own, rows)
             done.update({row.id: row for row in rows})
-            print(f"   predicted {len(done)}/{len(eval_records)}", flush=True)
+            _say(processes, f"   predicted {sum(r.id in done for r in eval_records)}/{len(eval_records)}"
+                            + (f" (this process's share: {len(mine)})" if processes.count > 1 else ""))
+    processes.wait()
+    if not processes.main:
+        processes.wait()  # until the main process has gathered and evaluated
+        return None
+    done = gather_predictions(work, eval_records)
     rows = [done[r.id] for r in eval_records]
     metrics = evaluate_texts([r.prediction for r in rows], [r.target for r in eval_records], config.span_tokens)
     metrics["per_sample"]["id"] = [r.id for r in eval_records]
@@ -196,7 +221,47 @@ def run_method(
     metrics["efficiency"] = efficiency(rows, train_stats)
     metrics["method"] = to_plain(method_config)
     write_json(work / "metrics.json", metrics)
+    processes.wait()
     return metrics
+
+
+def _say(processes: Processes, message: str) -> None:
+    if processes.main:
+        print(message, flush=True)
+
+
+def _my_batches(todo: Sequence[LongLaMPRecord], batch_size: int, processes: Processes) -> list[LongLaMPRecord]:
+    """This process's share of ``todo``: whole decode batches, dealt in turn, so every batch is
+    the one a single process would decode and the predictions do not depend on the count."""
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    return [r for batch in batches[processes.index :: processes.count] for r in batch]
+
+
+def read_predictions(work: Path) -> dict[str, PredictionRow]:
+    """Every prediction already in ``work``: predictions.jsonl and the part files of an earlier
+    multi-process run that stopped before gathering them."""
+    done = read_prediction_rows(work / PREDICTIONS)
+    for part in sorted(work.glob(f"{PARTS_PREFIX}*.jsonl")):
+        done.update(read_prediction_rows(part))
+    return done
+
+
+def gather_predictions(work: Path, records: Sequence[LongLaMPRecord]) -> dict[str, PredictionRow]:
+    """All rows of ``records`` into predictions.jsonl, in record order, once each; the part files
+    are removed after it is in place (atomically), so a kill at any moment loses nothing."""
+    done = read_predictions(work)
+    missing = [r.id for r in records if r.id not in done]
+    if missing:
+        raise FlyThinkerError(f"{work}: no prediction for {len(missing)} record(s), e.g. {missing[0]}")
+    parts = sorted(work.glob(f"{PARTS_PREFIX}*.jsonl"))
+    if parts:
+        tmp = work / f".{PREDICTIONS}.tmp"
+        tmp.unlink(missing_ok=True)
+        append_rows(tmp, [done[r.id] for r in records])
+        os.replace(tmp, work / PREDICTIONS)
+        for part in parts:
+            part.unlink()
+    return done
 
 
 def heldout_loss(
@@ -253,7 +318,9 @@ def _claim(work: Path, settings: dict[str, Any]) -> None:
         write_json(work / SETTINGS, settings)
 
 
-def _train_or_reuse(method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path) -> dict | None:
+def _train_or_reuse(
+    method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path, processes: Processes = Processes()  # noqa: B008
+) -> dict | None:
     checkpoint, stats_path = work / "checkpoint", work / TRAIN_STATS
     if not method.trainable:
         method.build()
@@ -269,7 +336,9 @@ def _train_or_reuse(method: Method, config: RunConfig, records: Sequence[LongLaM
     result = method.train(records, training, run_config={"run": config, "method": method.config})
     stats = {"train_s": result.seconds, "samples": result.samples, "steps": result.steps,
              "first_loss": result.losses[0], "last_loss": result.losses[-1]}
-    write_json(stats_path, stats)
+    with processes.main_first():  # written last: its presence marks the row trained
+        if processes.main:
+            write_json(stats_path, stats)
     return stats
 
 
@@ -388,5 +457,6 @@ def run_command(
                        budgets=budgets, decode_batch_size=decode_batch_size, span_tokens=span_tokens,
                        dtype=dtype, seed=seed)
     results = run_experiment(config)
-    print(format_results(results))
-    print(f"\nresults: {Path(out) / 'results.md'}, {Path(out) / 'results.csv'}, plots in {Path(out) / 'plots'}")
+    if results:  # the main process's; the others under `accelerate launch` return none
+        print(format_results(results))
+        print(f"\nresults: {Path(out) / 'results.md'}, {Path(out) / 'results.csv'}, plots in {Path(out) / 'plots'}")

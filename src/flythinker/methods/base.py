@@ -32,6 +32,7 @@ from flythinker.data.retrieval import RETRIEVERS, make_retriever
 from flythinker.errors import FlyThinkerError
 from flythinker.methods.costs import BenchContext, BenchEntry, BenchTrainer, Floors
 from flythinker.model.decoding import GenerationOutput, position_ids_from_mask
+from flythinker.training.engines import Processes
 from flythinker.training.train import TrainResult, token_cross_entropy_sum, train
 
 
@@ -98,6 +99,7 @@ class RunContext:
     dtype: str
     work_dir: Path  # this method's directory for this task (checkpoint, caches)
     seed: int = 0
+    processes: Processes = field(default_factory=Processes)  # under `accelerate launch`: which one this is
 
 
 @dataclass

@@ -464,15 +464,18 @@ class Coconut(LMMethod):
             ]
             results.append(train(self.latent_lm, self.tokenizer, items, stage.training,
                                  run_config=run_config, save=False, show_progress=True))
-        out = Path(config.output_dir)
-        checkpoint = save_checkpoint(self.lm, self.tokenizer, out / "checkpoint", run_config or config)
+        out, processes = Path(config.output_dir), self.context.processes
+        with processes.main_first():  # one writer; every process holds the same trained weights
+            if processes.main:
+                save_checkpoint(self.lm, self.tokenizer, out / "checkpoint", run_config or config)
+                merge_stage_logs(results, out / LOG_NAME)
         return TrainResult(
             steps=sum(r.steps for r in results),
             losses=[loss for r in results for loss in r.losses],
             seconds=sum(r.seconds for r in results),
             samples=sum(r.samples for r in results),
-            checkpoint=checkpoint,
-            log_path=merge_stage_logs(results, out / LOG_NAME),
+            checkpoint=out / "checkpoint",
+            log_path=out / LOG_NAME,
             extra={"stages": [{"stage": s, "steps": r.steps, "first_loss": r.losses[0], "last_loss": r.losses[-1]}
                               for s, r in enumerate(results)]},
         )

@@ -200,11 +200,13 @@ def method_rationales(method: LMMethod, records: Sequence[LongLaMPRecord]) -> di
     Call before fine-tuning: a missing rationale is written by the model as it is now.
     """
     assert method.tokenizer is not None, "build() first"
-    return load_or_generate_rationales(
-        method.lm, method.tokenizer, records, generator=method.config.generator,
-        budgets=method.context.budgets, max_tokens=method.config.rationale_tokens,
-        cache_path=Path(method.context.work_dir) / RATIONALE_FILE,
-    )
+    # One process writes the cache; under `accelerate launch` the others then read it whole.
+    with method.context.processes.main_first():
+        return load_or_generate_rationales(
+            method.lm, method.tokenizer, records, generator=method.config.generator,
+            budgets=method.context.budgets, max_tokens=method.config.rationale_tokens,
+            cache_path=Path(method.context.work_dir) / RATIONALE_FILE,
+        )
 
 
 def _end_last_line(path: Path) -> None:
@@ -225,7 +227,6 @@ class CoT(LMMethod):
     style = "profile"
     trainable = True
     heldout_comparable = False  # its training targets put a rationale before the answer
-
 
     @classmethod
     def bench_entries(cls, bench, floors):

@@ -16,7 +16,10 @@ accelerate by itself is set here:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -32,6 +35,54 @@ _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRACKING_DIR = "tracking"
 
 
+@dataclass(frozen=True)
+class Processes:
+    """This process among those `accelerate launch` started (one process by default).
+
+    The experiment runner uses it to split work that is not training (decoding, rationales,
+    files): the trainer's own collectives go through its `Accelerator`.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.index == 0
+
+    def wait(self) -> None:
+        """Every process reaches this point before any goes on."""
+        if self.count > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The main process runs the block first (writing a cache, repairing a file), the others
+        after it, when they find its results."""
+        if not self.main:
+            self.wait()
+        yield
+        if self.main:
+            self.wait()
+
+
+def current_processes() -> Processes:
+    """The launched processes, joined in one process group (gloo on a machine without a GPU)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched == 1:
+        return Processes()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_cpu_group(launched))
+    return Processes(state.process_index, state.num_processes)
+
+
+def _cpu_group(launched: int) -> bool:
+    return launched > 1 and not torch.cuda.is_available()
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     tracking = config.report_to != "none"
@@ -45,7 +96,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # The trainer steps the scheduler once per optimizer step itself; accelerate's default
         # would step it once per process, assuming step counts of an unsharded data loader.
         step_scheduler_with_optimizer=False,
-        cpu=launched > 1 and not torch.cuda.is_available(),
+        cpu=_cpu_group(launched),
         # Some parameters are off the loss path by design (FlyThinker's reasoner LM head: its
         # vectors enter the generator before any head); DDP must not wait for their gradients.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
