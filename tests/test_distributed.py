@@ -272,3 +272,17 @@ def test_a_killed_two_process_run_resumes_with_one(tmp_path):
     finished = (work / "predictions.jsonl").read_bytes()
     run_single(run_args(broken, *slow))  # a finished run relaunched does nothing
     assert (work / "predictions.jsonl").read_bytes() == finished
+
+
+def test_deepspeed_on_a_machine_without_a_gpu_is_refused_not_replaced(monkeypatch):
+    """accelerate, asked for the CPU under a DeepSpeed launch, trains plain DDP without a word
+    (measured); the trainer says so instead of pretending to run ZeRO-3."""
+    from flythinker.config import TrainConfig
+    from flythinker.errors import FlyThinkerError
+    from flythinker.training.engines import make_accelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FlyThinkerError, match="DeepSpeed through `accelerate launch` needs GPUs"):
+        make_accelerator(TrainConfig())

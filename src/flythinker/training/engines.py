@@ -85,6 +85,14 @@ def _cpu_group(launched: int) -> bool:
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if _cpu_group(launched) and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # Measured (accelerate 1.x, deepspeed 0.19.8): asked for the CPU, accelerate silently
+        # trains plain DDP instead; not asked, it sets up one process. Refuse rather than pretend.
+        raise FlyThinkerError(
+            "DeepSpeed through `accelerate launch` needs GPUs: on a machine without one accelerate "
+            "would run plain DDP under the DeepSpeed config. Use configs/accelerate/ddp.yaml here "
+            "(tools/zero3_norm_check.py runs ZeRO-3 itself on a CPU)"
+        )
     tracking = config.report_to != "none"
     if config.report_to == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; sync later
