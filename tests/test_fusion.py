@@ -190,7 +190,8 @@ def test_gate_is_logged_while_training(make_model, tokenizer, tmp_path):
     [({"gate": "half"}, "gate must be"), ({"lam_warmup": 1.5}, "lam_warmup"),
      ({"projection_init": "zero"}, "needs fusion='linear'"), ({"gate_scale": 0}, "gate_scale"),
      ({"fusion": "linear", "projection_scale": 0.0}, "projection_scale must be"),
-     ({"projection_scale": 10.0}, "projection_scale needs fusion='linear'")],
+     ({"projection_scale": 10.0}, "projection_scale needs fusion='linear'"),
+     ({"signal_dropout": 1.0}, "signal_dropout must be in"), ({"train_reasoner": "no"}, "train_reasoner must be")],
 )
 def test_bad_fusion_settings_name_the_field(fields, message):
     with pytest.raises(FlyThinkerError, match=message):
@@ -262,3 +263,41 @@ def test_projection_scale_opens_a_zero_projection_that_many_times_faster(make_mo
         train(model, tokenizer, copy_examples(4), config, save=False, show_progress=False)
         opened[scale] = model.fusion.projection_weight().detach()
     assert float(opened[10.0].abs().max()) == pytest.approx(10 * float(opened[1.0].abs().max()), rel=1e-3)
+
+
+# --------------------------------------------------------------------------- regularising the signal
+
+
+def test_signal_dropout_drops_whole_vectors_in_training_only():
+    config = FlyThinkerConfig(lam=1.0, rescale=False, signal_dropout=0.25)
+    fusion = Fusion(config, 16, 16, torch.float32, torch.device("cpu"))
+    h = torch.randn(4, 500, 16)
+    torch.manual_seed(0)
+    fusion.train()
+    out = fusion(h, None)
+    dropped = (out == 0).all(-1)
+    assert 0.2 < dropped.float().mean() < 0.3  # each position's vector whole, about a quarter
+    torch.testing.assert_close(out[~dropped], h[~dropped] / 0.75)  # the rest scaled up, unbiased
+    fusion.eval()
+    torch.testing.assert_close(fusion(h, None), h)  # decoding sees every vector
+
+
+def test_a_frozen_reasoner_stays_as_loaded_while_the_generator_and_fusion_train(make_model, tokenizer, tmp_path):
+    model = make_model(lam=1.0, fusion="linear", d_r=32, d_g=64, train_reasoner=False, signal_dropout=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=4, lr=1e-2, weight_decay=0.0)
+    train(model, tokenizer, copy_examples(8), config, save=False, show_progress=False)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert not any(n.startswith("reasoner.") for n in moved)
+    assert "fusion.projection.weight" in moved and any(n.startswith("generator.") for n in moved)
+    loaded = FlyThinker.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    assert loaded.config.train_reasoner is False  # a checkpoint trains on as it was set
+
+
+def test_a_frozen_shared_reasoner_keeps_its_adapter(tokenizer, tmp_path):
+    from flythinker.model.sources import build_tiny
+
+    model = FlyThinker.shared(build_tiny(64, seed=2), tokenizer, train_reasoner=False)
+    adapter = model.reasoner_component.adapter_state()
+    assert adapter and not any(p.requires_grad for p in adapter.values())
+    assert all(p.requires_grad for n, p in model.generator.named_parameters() if ".lora_" not in n)

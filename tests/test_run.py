@@ -124,6 +124,20 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     assert (tmp_path / "run_config.yaml").read_text() == record
 
 
+def test_a_setting_added_since_resumes_at_its_default_and_refuses_otherwise(tmp_path):
+    """Results made before an option existed were made with its default: a long study resumes
+    after the code gains an option, unless the rerun sets it to something else."""
+    methods = [MethodConfig(method="non_personalized")]
+    run_experiment(small_config(tmp_path, methods, eval_limit=2))
+    settings = tmp_path / "product_review" / "non_personalized" / "settings.json"
+    saved = json.loads(settings.read_text())
+    del saved["method"]["lam_warmup"], saved["generation"]["no_repeat_ngram_size"]  # "not yet invented"
+    settings.write_text(json.dumps(saved))
+    run_experiment(small_config(tmp_path, methods, eval_limit=2))  # both at their defaults: resumes
+    with pytest.raises(FlyThinkerError, match="other settings \\(method changed\\)"):
+        run_experiment(small_config(tmp_path, [MethodConfig(method="non_personalized", lam_warmup=0.5)], eval_limit=2))
+
+
 def test_lambda_zero_flythinker_predicts_what_sft_predicts(tmp_path):
     methods = [MethodConfig(method="sft"), MethodConfig(method="flythinker", lam=0.0)]
     run_experiment(small_config(tmp_path, methods, eval_limit=4))

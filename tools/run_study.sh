@@ -39,5 +39,7 @@ echo "== learning rate chosen on validation: $LR"
 
 # 2. Stage 1 (configs/studies/stage1.yaml): SFT and the zero projection at scales 10 and 30, both tasks.
 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1.yaml --training.lr "$LR"
-# 3. Every other row (stage 1's rows are reused).
+# 3. Stage 2 (configs/studies/capacity.yaml): more data, a frozen reasoner, signal dropout (abstracts).
+"$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml --training.lr "$LR"
+# 4. Every other row (stage 1's rows are reused).
 "$FLYTHINKER" run --config "$STUDY" --training.lr "$LR"

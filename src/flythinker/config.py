@@ -74,6 +74,13 @@ class FlyThinkerSettings:
             ["q_proj", "v_proj"]); empty (default) adapts all of them. On a GPU each adapted layer
             adds two small kernels to a decode step, which at batch 1 cost about as much as the
             layer itself; fewer targets decode faster and give the reasoner less room to differ.
+        train_reasoner: Train the reasoner's own weights (the separate model, or the shared
+            reasoner's adapter) with the generator, as published. False keeps them as loaded and
+            trains only the generator and the fusion: the signal path then adds no capacity of its
+            own (measured: opened, it overfits 64 training records; docs/results/start_at_sft.md).
+        signal_dropout: In training only, drop each position's whole reasoning vector with this
+            probability (the rest scaled by 1/(1-p)), so the generator cannot lean on every one;
+            0 (published) never drops. Decoding is unaffected.
     """
 
     lam: float = 0.5
@@ -87,8 +94,15 @@ class FlyThinkerSettings:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_targets: list[str] = dataclasses.field(default_factory=list)
+    train_reasoner: bool = True
+    signal_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        require(isinstance(self.train_reasoner, bool), f"train_reasoner must be true or false, got {self.train_reasoner!r}")
+        require(
+            isinstance(self.signal_dropout, (int, float)) and 0 <= self.signal_dropout < 1,
+            f"signal_dropout must be in [0, 1), got {self.signal_dropout!r}",
+        )
         require(
             isinstance(self.lora_rank, int) and self.lora_rank >= 1,
             f"lora_rank must be an integer >= 1, got {self.lora_rank!r}",

@@ -299,16 +299,39 @@ _NOT_DECIDING = ("report_to",)
 
 
 def _check_settings(work: Path, settings: dict[str, Any]) -> None:
-    """Reuse a directory's results only if they were made with the same settings."""
+    """Reuse a directory's results only if they were made with the same settings. A setting the
+    code gained since (absent from the saved ones) matches if it is at its default, which is what
+    those results were made with; so a long study survives a new option."""
     path = work / SETTINGS
     if path.is_file():
         before = json.loads(path.read_text())
-        changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+        defaults = _default_settings()
+        changed = sorted(k for k in settings.keys() | before.keys()
+                         if not _same_settings(settings.get(k), before.get(k), defaults.get(k)))
         if changed:
             raise FlyThinkerError(
                 f"{work} holds results made with other settings ({', '.join(changed)} changed); "
                 "use another --out, or delete that directory to redo it"
             )
+
+
+def _same_settings(now: Any, before: Any, default: Any) -> bool:
+    if not (isinstance(now, dict) and isinstance(before, dict)):
+        return now == before
+    default = default if isinstance(default, dict) else {}
+    for key in now.keys() | before.keys():
+        if key not in before or key not in now:  # added or removed since: only at its default
+            if (now if key in now else before)[key] != default.get(key, object()):
+                return False
+        elif not _same_settings(now[key], before[key], default.get(key)):
+            return False
+    return True
+
+
+def _default_settings() -> dict[str, Any]:
+    """`_settings`' shape with every field at its default (the method and task named "-")."""
+    return to_plain({"method": MethodConfig(method="-"), "task": TaskConfig(task="-"), "training": TrainConfig(),
+                     "generation": GenerationConfig(), "budgets": PromptBudgets()})
 
 
 def _claim(work: Path, settings: dict[str, Any]) -> None:

@@ -93,6 +93,9 @@ class FlyThinker(nn.Module):
         self.reasoner_component = reasoner
         self.tokenizer = tokenizer
         self.fusion = Fusion(config, self.reasoner_width, self.generator_width, generator.dtype, generator.device)
+        if not config.train_reasoner:
+            for parameter in reasoner.own_parameters():
+                parameter.requires_grad_(False)
 
     @property
     def reasoner(self) -> PreTrainedModel:

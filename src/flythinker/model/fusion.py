@@ -111,6 +111,10 @@ class Fusion(nn.Module):
         gate = self.gate_value()
         if gate is not None:
             h = h * gate.to(h.dtype)
+        if self.training and self.config.signal_dropout:
+            p = self.config.signal_dropout
+            keep = torch.rand(h.shape[:-1] + (1,), device=h.device) >= p
+            h = h * keep.to(h.dtype) / (1 - p)
         return self.lam() * h
 
 

@@ -84,6 +84,10 @@ class Reasoner(ABC):
     def step_decoder(self, model: FlyThinker, overlap: str, steps: str) -> StepDecoder:
         """The prefill and decode step that `flythinker.model.decoding.decode` loops over."""
 
+    @abstractmethod
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The weights that are this reasoner's alone (`FlyThinkerSettings.train_reasoner`)."""
+
 
 def reasoner_class(config: FlyThinkerConfig) -> type[Reasoner]:
     """The kind of reasoner a config asks for: the one place the choice is made."""
@@ -124,6 +128,9 @@ class SeparateReasoner(Reasoner):
 
     def step_decoder(self, model, overlap, steps):
         return FlyThinkerDecoder(model, overlap, steps)
+
+    def own_parameters(self):
+        return list(self.lm.parameters())
 
 
 class AdapterReasoner(Reasoner):
@@ -188,6 +195,9 @@ class AdapterReasoner(Reasoner):
                 "in one batched forward on one device (use overlap='none')"
             )
         return SharedDecoder(model, self.rows, steps)
+
+    def own_parameters(self):
+        return list(self.adapter_state().values())
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's weights under the generator's module paths (``...q_proj.lora_A.weight``)."""
