@@ -210,7 +210,7 @@ def run_method(
     if not processes.main:
         processes.wait()  # until the main process has gathered and evaluated
         return None
-    done = gather_predictions(work, eval_records)
+    done = gather_predictions(work, eval_records, done)
     rows = [done[r.id] for r in eval_records]
     metrics = evaluate_texts([r.prediction for r in rows], [r.target for r in eval_records], config.span_tokens)
     metrics["per_sample"]["id"] = [r.id for r in eval_records]
@@ -246,14 +246,18 @@ def read_predictions(work: Path) -> dict[str, PredictionRow]:
     return done
 
 
-def gather_predictions(work: Path, records: Sequence[LongLaMPRecord]) -> dict[str, PredictionRow]:
+def gather_predictions(
+    work: Path, records: Sequence[LongLaMPRecord], done: dict[str, PredictionRow]
+) -> dict[str, PredictionRow]:
     """All rows of ``records`` into predictions.jsonl, in record order, once each; the part files
-    are removed after it is in place (atomically), so a kill at any moment loses nothing."""
-    done = read_predictions(work)
+    are removed after it is in place (atomically), so a kill at any moment loses nothing.
+    ``done``: this process's rows; the files are read again only when other processes wrote parts."""
+    parts = sorted(work.glob(f"{PARTS_PREFIX}*.jsonl"))
+    if parts:
+        done = read_predictions(work)
     missing = [r.id for r in records if r.id not in done]
     if missing:
         raise FlyThinkerError(f"{work}: no prediction for {len(missing)} record(s), e.g. {missing[0]}")
-    parts = sorted(work.glob(f"{PARTS_PREFIX}*.jsonl"))
     if parts:
         tmp = work / f".{PREDICTIONS}.tmp"
         tmp.unlink(missing_ok=True)

@@ -78,24 +78,26 @@ class Floors:
     """The generator's own costs, the unit every floor is a multiple of."""
 
     generator: PreTrainedModel
-    decode: int = field(init=False)
-    nonembedding: int = field(init=False)
+    decode: int = field(init=False)  # weight bytes one decode step reads
+    nonembedding: int = field(init=False)  # parameters a prefill multiplies by
+    params: int = field(init=False)  # parameters a training step updates
+    bytes: int = field(init=False)  # parameter and buffer bytes held
 
     def __post_init__(self) -> None:
-        self.decode = decode_bytes(self.generator, with_head=True)
-        self.nonembedding = param_count(self.generator, embeddings=False)
+        g = self.generator
+        self.decode, self.nonembedding = decode_bytes(g, with_head=True), param_count(g, embeddings=False)
+        self.params, self.bytes = param_count(g), module_bytes(g)
 
     def relative(self, extra_decode: int = 0, extra_prefill_params: int = 0, extra_params: int = 0,
                  extra_bytes: int = 0) -> dict[str, float]:
-        g = self.generator
         decode = (self.decode + extra_decode) / self.decode
         return {
             "ttft_ms": 1 + extra_prefill_params / self.nonembedding,
             "decode_ms_per_token_b1": decode,
             "decode_tokens_per_s_b8": decode,
             "decode_tokens_per_s_b32": decode,
-            "train_step_s": 1 + extra_params / param_count(g),
-            "peak_memory_mb": (module_bytes(g) + extra_bytes) / module_bytes(g),  # replaced from the weights held
+            "train_step_s": 1 + extra_params / self.params,
+            "peak_memory_mb": (self.bytes + extra_bytes) / self.bytes,  # replaced from the weights held
         }
 
     def thinking(self, added_tokens: int, prompt_tokens: int) -> dict[str, float]:

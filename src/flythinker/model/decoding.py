@@ -135,6 +135,11 @@ class StepDecoder(ABC):
         """Keep only the batch rows at ``index`` (positions in the current batch) in every cache
         and buffer, so rows nobody waits for stop costing compute. False: this decoder cannot
         (static caches and CUDA graphs have a fixed batch), and the rows stay as padding."""
+        return self.steps == "dynamic" and self._select_rows(index)
+
+    def _select_rows(self, index: torch.Tensor) -> bool:
+        """Select ``index`` in the growing caches and per-row buffers; False where there are none
+        this class knows how to shrink."""
         return False
 
 
@@ -162,9 +167,7 @@ class CausalLMDecoder(StepDecoder):
         self.prefill_cache = None  # copied: free it
         return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype)
 
-    def keep_rows(self, index):
-        if self.steps != "dynamic":
-            return False
+    def _select_rows(self, index):
         self.prefill_cache.batch_select_indices(index)
         return True
 
@@ -221,9 +224,7 @@ class FlyThinkerDecoder(StepDecoder):
         self.r_prefill = self.g_prefill = None  # copied: free them
         return StepInputs(self.prompt_mask, length, model.generator.dtype)
 
-    def keep_rows(self, index):
-        if self.steps != "dynamic":
-            return False
+    def _select_rows(self, index):
         self.r_prefill.batch_select_indices(index.to(self.r_dev))
         self.g_prefill.batch_select_indices(index)
         self.h_prev = self.h_prev[index]
@@ -303,9 +304,7 @@ class SharedDecoder(StepDecoder):
         self.cache, self.prefill_caches = static_cache(self.lm.config, self.prefill_caches, self.max_length), ()
         return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype, rows=2 * batch)
 
-    def keep_rows(self, index):
-        if self.steps != "dynamic":
-            return False
+    def _select_rows(self, index):
         batch = self.h_prev.shape[0]  # the stacked cache holds the generator rows, then the reasoner's
         self.cache.batch_select_indices(torch.cat([index, index + batch]))
         self.h_prev = self.h_prev[index]

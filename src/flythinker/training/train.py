@@ -223,7 +223,7 @@ class _Loop:
                 schedule(step, plan.total_steps)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
             start = time.perf_counter()
-            loss, grad_norm = self.step(step)
+            loss, grad_norm, tokens = self.step(step)
             seconds = time.perf_counter() - start
             state.elapsed_s += seconds
             state.losses.append(loss)
@@ -231,7 +231,6 @@ class _Loop:
             progress.update()
             progress.set_postfix(loss=f"{loss:.4f}")
             if config.report_to != "none":  # accelerate logs from the main process only
-                tokens = _labelled_tokens(self.encoded[i] for i in plan.step_examples(step))
                 scalars = {"train/loss": loss, "train/lr": lr, "train/target_tokens_per_s": tokens / max(seconds, 1e-9)}
                 if grad_norm is not None:
                     scalars["train/grad_norm"] = grad_norm
@@ -258,11 +257,11 @@ class _Loop:
         if schedule is not None:  # trained: evaluation and decoding use the full schedule
             schedule(plan.total_steps, plan.total_steps)
 
-    def step(self, step: int) -> tuple[float, float | None]:
+    def step(self, step: int) -> tuple[float, float | None, int]:
         """Forward and backward over this process's micro-batches of ``step``, then one update.
 
-        Returns the step's loss (averaged over its labelled tokens on all processes) and the
-        gradient norm before clipping (None when not clipping).
+        Returns the step's loss (averaged over its labelled tokens on all processes), the
+        gradient norm before clipping (None when not clipping) and the labelled tokens of the step.
         """
         accelerator, config = self.accelerator, self.config
         tokens = max(_labelled_tokens(self.encoded[i] for i in self.plan.step_examples(step)), 1)
@@ -288,7 +287,7 @@ class _Loop:
                     grad_norm = self._update()
         if not accelerator.sync_gradients:
             raise RuntimeError("gradient accumulation lost step with the trainer's micro-batches")
-        return float(accelerator.reduce(summed, "sum")) / tokens, grad_norm
+        return float(accelerator.reduce(summed, "sum")) / tokens, grad_norm, tokens
 
     def _update(self) -> float | None:
         norm = None
