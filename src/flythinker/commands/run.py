@@ -7,6 +7,8 @@ Layout of a run directory::
     <task>/<label>/settings.json     what decides this row's results; a rerun must match it
     <task>/<label>/train_stats.json  training time and samples (reused on rerun)
     <task>/<label>/predictions.jsonl one line per record, appended batch by batch
+    <task>/<label>/predictions.part-<i>.jsonl  process i's rows under `accelerate launch`, until the
+                                     main process gathers them into predictions.jsonl
     <task>/<label>/metrics.json      that method's metrics
     <task>/<label>/heldout_loss.json teacher-forced loss per evaluated record (validation_loss.json:
                                      the same on the validation split, when the task carves one)
