@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,20 @@ def test_a_setting_added_since_resumes_at_its_default_and_refuses_otherwise(tmp_
     run_experiment(small_config(tmp_path, methods, eval_limit=2))  # both at their defaults: resumes
     with pytest.raises(FlyThinkerError, match="other settings \\(method changed\\)"):
         run_experiment(small_config(tmp_path, [MethodConfig(method="non_personalized", lam_warmup=0.5)], eval_limit=2))
+
+
+def test_checkpointing_settings_do_not_refuse_a_rerun_and_a_trained_row_keeps_no_states(tmp_path, capsys):
+    """Saving resumable states changes how a row is trained, not what it produces: a long study
+    may start saving them midway. Once the row is trained its states (optimizer included) go."""
+    methods = [MethodConfig(method="sft")]
+    config = small_config(tmp_path, methods, eval_limit=2)
+    config.training = replace(config.training, save_every=1)
+    run_experiment(config)
+    work = tmp_path / "product_review" / "sft"
+    assert (work / "checkpoint").is_dir() and not (work / "states").exists()
+    capsys.readouterr()
+    run_experiment(small_config(tmp_path, methods, eval_limit=2))  # save_every back to 0: reused
+    assert f"reusing {work / 'checkpoint'}" in capsys.readouterr().out
 
 
 def test_lambda_zero_flythinker_predicts_what_sft_predicts(tmp_path):

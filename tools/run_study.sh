@@ -37,9 +37,12 @@ PY
 fi
 echo "== learning rate chosen on validation: $LR"
 
-# 2. Stage 1 (configs/studies/stage1.yaml): SFT and the zero projection at scales 10 and 30, both tasks.
+# 2. Stage 2 first (configs/studies/remedies.yaml): a frozen reasoner and signal dropout, the two
+#    remedies for the overfitting stage 1 found (abstracts, 64 records; SFT and scale 10 reused).
+"$FLYTHINKER" run --config "$STUDY" --config configs/studies/remedies.yaml --training.lr "$LR"
+# 3. Stage 1 (configs/studies/stage1.yaml): SFT and the zero projection at scales 10 and 30, both tasks.
 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1.yaml --training.lr "$LR"
-# 3. Stage 2 (configs/studies/capacity.yaml): more data, a frozen reasoner, signal dropout (abstracts).
+# 4. Stage 3 (configs/studies/capacity.yaml): every training record outside validation (abstracts).
 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml --training.lr "$LR"
-# 4. Every other row (stage 1's rows are reused).
+# 5. Every other row (earlier stages' rows are reused).
 "$FLYTHINKER" run --config "$STUDY" --training.lr "$LR"

@@ -34,6 +34,7 @@ from flythinker.errors import FlyThinkerError
 from flythinker.evaluation.metrics import evaluate_texts
 from flythinker.io import to_plain, write_json, write_yaml
 from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, RunContext, make_method
+from flythinker.training.checkpoints import STATES_DIR, clear_states
 from flythinker.training.engines import Processes, current_processes
 
 PREDICTIONS = "predictions.jsonl"
@@ -300,8 +301,9 @@ def _settings(config: RunConfig, task: TaskConfig, method: MethodConfig) -> dict
     return settings
 
 
-# Training settings that change how a run is watched, not what it produces.
-_NOT_DECIDING = ("report_to",)
+# Training settings that change how a run is watched or checkpointed, not what it produces (a
+# resumed training run follows the same updates), so a long study can start saving states midway.
+_NOT_DECIDING = ("report_to", "log_every", "save_every", "keep_last", "resume")
 
 
 def _check_settings(work: Path, settings: dict[str, Any]) -> None:
@@ -368,6 +370,9 @@ def _train_or_reuse(
     with processes.main_first():  # written last: its presence marks the row trained
         if processes.main:
             write_json(stats_path, stats)
+            # The row never resumes training again; its resumable states (optimizer moments
+            # included, several times the model's size) would only fill the disk.
+            clear_states(work / STATES_DIR)
     return stats
 
 
