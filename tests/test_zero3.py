@@ -1,8 +1,7 @@
-"""A real DeepSpeed ZeRO-3 run on CPU (tools/zero3_norm_check.py), where deepspeed is installed.
+"""A real DeepSpeed ZeRO-3 run on CPU (tools/zero3_norm_check.py): the rescale norm on every call path.
 
-CI does not install deepspeed (a large optional dependency); the simulated released parameter in
-test_fusion.py covers the error path there. Install it with ``DS_BUILD_OPS=0 pip install
-deepspeed`` to run this one.
+deepspeed is in the test extra; without it (a bare install) this test is skipped and the
+simulated released parameter in test_fusion.py covers the error path.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ accelerate by itself is set here:
   would reduce in bf16).
 - DeepSpeed takes its micro-batch size and clipping from `TrainConfig`, as every engine does,
   since the trainer feeds batches itself rather than through a prepared DataLoader.
-- Several processes on a machine without a GPU become a gloo process group: accelerate only does
-  that when asked for the CPU, and would otherwise run N independent copies of the job.
+- Several processes on a machine without a GPU become a gloo process group (DDP, or DeepSpeed on
+  its CPU accelerator); FSDP, which accelerate enables only on GPUs, is refused there.
+- After training the module is handed back plain and whole (`release_engine`), whatever engine
+  sharded it, so decoding and evaluation never meet the engine.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from transformers import PreTrainedModel
 
 from flythinker.config import TrainConfig
@@ -75,24 +77,37 @@ def current_processes() -> Processes:
         return Processes()
     from accelerate import PartialState
 
-    state = PartialState(cpu=_cpu_group(launched))
+    state = PartialState(**_group_kwargs(launched))
     return Processes(state.process_index, state.num_processes)
 
 
-def _cpu_group(launched: int) -> bool:
-    return launched > 1 and not torch.cuda.is_available()
+def _group_kwargs(launched: int) -> dict:
+    """How accelerate must join ``launched`` processes on this machine.
+
+    With GPUs accelerate knows. Without one it joins them only when asked for the CPU, and would
+    otherwise run N independent copies of the job; but asked for the CPU it also drops a DeepSpeed
+    launcher config and silently trains plain DDP (measured, accelerate 1.16). So DeepSpeed on CPUs
+    is asked for as a gloo group on the default device, and DeepSpeed told to use its CPU accelerator.
+    """
+    if launched == 1 or torch.cuda.is_available():
+        return {"cpu": False}
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # accelerate 1.16 turns FSDP on only for accelerator devices: on CPUs it would train plain
+        # DDP under the FSDP config (measured: unsharded states). Refuse rather than pretend.
+        raise FlyThinkerError(
+            "FSDP through `accelerate launch` needs GPUs: on a machine without one accelerate would "
+            "run plain DDP under the FSDP config. Use configs/accelerate/ddp.yaml here, or "
+            "configs/accelerate/deepspeed_zero3.yaml for sharded training on CPUs"
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        return {"cpu": False, "backend": "gloo"}
+    return {"cpu": True}
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if _cpu_group(launched) and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        # Measured (accelerate 1.x, deepspeed 0.19.8): asked for the CPU, accelerate silently
-        # trains plain DDP instead; not asked, it sets up one process. Refuse rather than pretend.
-        raise FlyThinkerError(
-            "DeepSpeed through `accelerate launch` needs GPUs: on a machine without one accelerate "
-            "would run plain DDP under the DeepSpeed config. Use configs/accelerate/ddp.yaml here "
-            "(tools/zero3_norm_check.py runs ZeRO-3 itself on a CPU)"
-        )
+    group = _group_kwargs(launched)
     tracking = config.report_to != "none"
     if config.report_to == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; sync later
@@ -104,10 +119,13 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # The trainer steps the scheduler once per optimizer step itself; accelerate's default
         # would step it once per process, assuming step counts of an unsharded data loader.
         step_scheduler_with_optimizer=False,
-        cpu=_cpu_group(launched),
-        # Some parameters are off the loss path by design (FlyThinker's reasoner LM head: its
-        # vectors enter the generator before any head); DDP must not wait for their gradients.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        cpu=group["cpu"],
+        kwargs_handlers=[
+            # Some parameters are off the loss path by design (FlyThinker's reasoner LM head: its
+            # vectors enter the generator before any head); DDP must not wait for their gradients.
+            DistributedDataParallelKwargs(find_unused_parameters=True),
+            *([InitProcessGroupKwargs(backend=group["backend"])] if "backend" in group else []),
+        ],
     )
     # A launcher config may set its own accumulation (accelerate reads it from the environment
     # over the argument); TrainConfig is the one source, since the step plan is built from it.
@@ -132,6 +150,41 @@ def distributed_kind(accelerator: Accelerator) -> str:
     if kind == DistributedType.DEEPSPEED:
         return "deepspeed"
     return "single" if accelerator.num_processes == 1 else "ddp"
+
+
+def release_engine(accelerator: Accelerator, prepared: torch.nn.Module) -> None:
+    """Leave the trained module a plain one holding its full weights on every process.
+
+    Whoever uses the module after training (decoding dealt out per process, held-out loss on the
+    main process alone, the next stage of a curriculum with an engine of its own) must not meet
+    the engine: under DeepSpeed ZeRO-3 every parameter outside its module's own forward is an
+    empty placeholder, and the engine's hooks would gather it with collectives that the other
+    processes, decoding other records, never join. So the full values are gathered once, the
+    engine's hooks removed, and every parameter replaced by a plain one (tied weights stay tied).
+    DDP leaves the module itself untouched; FSDP does not run here without GPUs (see
+    `_group_kwargs`) and is left as accelerate leaves it.
+    """
+    if distributed_kind(accelerator) != "deepspeed":
+        return
+    module = accelerator.unwrap_model(prepared)
+    full: dict[int, torch.Tensor] = {}
+    if accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        for sub in module.modules():  # one gather per module: all processes take part in each
+            own = [p for p in sub.parameters(recurse=False) if id(p) not in full]
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+                full.update((id(p), p.data.detach().clone()) for p in own)
+    prepared.destroy()  # removes the engine's module and gradient hooks
+    if not full:  # ZeRO 1 and 2 keep every parameter whole
+        return
+    plain: dict[int, torch.nn.Parameter] = {}
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                if id(param) not in plain:
+                    plain[id(param)] = torch.nn.Parameter(full[id(param)], requires_grad=param.requires_grad)
+                sub._parameters[name] = plain[id(param)]
 
 
 def configure_engine(accelerator: Accelerator, model: torch.nn.Module, config: TrainConfig) -> None:

@@ -43,6 +43,7 @@ from flythinker.training.engines import (
     distributed_kind,
     enable_gradient_checkpointing,
     make_accelerator,
+    release_engine,
 )
 from flythinker.training.steps import StepPlan
 
@@ -154,8 +155,8 @@ def train(
         checkpoint = export_checkpoint(
             accelerator, model, tokenizer, out_dir / "checkpoint", run_config or config
         )
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.eval()
+    release_engine(accelerator, model)
+    accelerator.unwrap_model(model).eval()
     samples = sum(len(plan.step_examples(s)) for s in range(plan.total_steps))
     extra = {
         "processes": accelerator.num_processes,
