@@ -54,6 +54,7 @@ from flythinker.methods.costs import BenchContext, BenchEntry, Floors, module_by
 from flythinker.model.decoding import position_ids_from_mask
 from flythinker.model.prepack import prepack_available, prepack_linears
 from flythinker.model.sources import load_causal_lm, tiny_config
+from flythinker.training.train import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def train_step_seconds(model: nn.Module, settings: BenchSettings, vocab: int, de
     ``extra_tokens``: longer sequences for the same examples (CoT trains on rationale + answer).
     """
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = make_optimizer(model, lr=1e-5, weight_decay=0.0)
     ids = random_prompts(settings.train_batch, settings.train_tokens + extra_tokens, vocab, device, seed=1)
     mask = torch.ones_like(ids)
     times = []

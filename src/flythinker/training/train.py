@@ -114,11 +114,7 @@ def train(
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     configure_engine(accelerator, model, config)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, fused=distributed_kind(accelerator) != "fsdp")
     scheduler = get_scheduler(
         config.schedule,
         optimizer,
@@ -167,6 +163,23 @@ def train(
     return TrainResult(
         plan.total_steps, state.losses, state.elapsed_s, samples, checkpoint, log_path, extra
     )
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with torch's fused kernel where it applies.
+
+    The default for-loop AdamW updates one tensor at a time; on CPUs it was 43% of a FlyThinker
+    training step. The fused kernel does the same update in one pass per tensor group: measured on
+    2 CPU cores over SmolLM2-135M's shapes, 0.47 s per step against 1.96 s (foreach: 4.6 s), with
+    weights within 3e-8 of the for-loop's after 8 steps. FSDP's sharded parameters keep the
+    default (``fused=False``): the fused path is not what its GPU runs were verified with.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    usable = fused and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        for p in trainable
+    )
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=True if usable else None)
 
 
 # --------------------------------------------------------------------------- one step
