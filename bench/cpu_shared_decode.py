@@ -36,35 +36,28 @@ def main() -> None:
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 15
     torch.set_num_threads(threads)
     g = build_lm("qwen2.5-0.5b", torch.float32, torch.device("cpu"))
-    contenders = {}
-    for fuse in (False, True):  # LoRA A in its own call, or stacked under the base weight
-        shared = FlyThinker.shared(copy.deepcopy(g)).eval()
-        prepack_linears(shared.generator.get_decoder(), rows=2, fuse_adapters=fuse)
-        prepack_linears(shared.generator)
-        contenders["shared, A fused" if fuse else "shared, A apart"] = shared
+    shared = FlyThinker.shared(copy.deepcopy(g)).eval()
+    prepack_linears(shared.generator.get_decoder(), rows=2)
+    prepack_linears(shared.generator)
     prepack_linears(g)
     ids = torch.randint(3, g.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
 
     def sft(cb):
         return generate_plain(g, ids, max_new_tokens=16, on_token=cb, **NEVER)
 
-    runs = {"SFT": sft}
-    for name, shared in contenders.items():
-        runs[name] = lambda cb, m=shared: m.generate(ids, max_new_tokens=16, on_token=cb, **NEVER)
-    for run in runs.values():
-        per_token(run)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):  # interleaved: the machine's drift hits every contender alike
-        for name, run in runs.items():
-            times[name].append(per_token(run))
-    print(f"threads {threads}, {repeats} interleaved repeats, batch 1, per token (median):")
-    for name, ts in times.items():
-        line = f"  {name:16} {statistics.median(ts) * 1e3:6.1f} ms"
-        if name != "SFT":
-            ratios = sorted(y / x for x, y in zip(times["SFT"], ts))
-            low, _, high = statistics.quantiles(ratios, n=4)
-            line += f"  per-repeat ratio to SFT: median {statistics.median(ratios):.3f} (quartiles {low:.3f}-{high:.3f})"
-        print(line)
+    def both_roles(cb):
+        return shared.generate(ids, max_new_tokens=16, on_token=cb, **NEVER)
+
+    per_token(sft), per_token(both_roles)  # warm-up
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(per_token(sft))
+        b.append(per_token(both_roles))
+    ratios = sorted(y / x for x, y in zip(a, b))
+    low, _, high = statistics.quantiles(ratios, n=4)
+    print(f"threads {threads}, {repeats} interleaved repeats: SFT {statistics.median(a) * 1e3:.1f} ms/token, "
+          f"shared {statistics.median(b) * 1e3:.1f} ms/token; per-repeat ratio median "
+          f"{statistics.median(ratios):.3f} (quartiles {low:.3f}-{high:.3f})")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flythinker.model.adapter import RoleLoRALinear
-
 
 def prepack_available(device: torch.device) -> bool:
     """oneDNN packing exists for fp32 weights on CPUs built with it."""
@@ -52,65 +50,22 @@ class PackedLinear(nn.Module):
 MIN_PACKED_FEATURES = 128
 
 
-class PackedAdaptedLinear(nn.Module):
-    """An inference-only `RoleLoRALinear` whose base weight and LoRA A are packed as one matrix.
-
-    One oneDNN call then computes ``W x`` and ``A x`` for every row of a mixed decode batch, where
-    the plain layer makes two calls (the rank-16 A alone costs ~20 us on a 2-core EPYC, once per
-    adapted layer per token). The generator's rows compute ``A x`` too and drop it: rank/out more
-    work (16/896 at the 0.5B shape) to save a call. B stays a plain, unpacked matmul on the
-    adapter's rows, in place on the base output, as in `RoleLoRALinear`.
-    """
-
-    def __init__(self, layer: RoleLoRALinear, rows: int = 1) -> None:
-        super().__init__()
-        base = layer.base_layer
-        self.out_features = base.out_features
-        stacked = torch.cat([base.weight.detach(), layer.lora_A.weight.detach()])
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(stacked, rows), persistent=False)
-        bias = None
-        if base.bias is not None:  # A has none: zeros for its columns
-            bias = torch.cat([base.bias.detach(), base.bias.new_zeros(layer.lora_A.out_features)])
-        self.register_buffer("bias", bias, persistent=False)
-        self.lora_B, self.scaling, self._rows = layer.lora_B, layer.scaling, layer._rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        both = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-        # The base output is a strided view of ``both``; the next layer reshapes it, so it is made
-        # contiguous (a copy of a few rows, against a call saved).
-        y, low_rank = both[..., : self.out_features].contiguous(), both[..., self.out_features :]
-        rows = self._rows.rows
-        if rows is None:
-            return y
-        y[rows] += self.lora_B(low_rank[rows]) * self.scaling
-        return y
-
-
-def _packable(linear: nn.Module) -> bool:
-    return (
-        type(linear) is nn.Linear
-        and linear.weight.dtype == torch.float32
-        and min(linear.in_features, linear.out_features) >= MIN_PACKED_FEATURES
-    )
-
-
-def prepack_linears(model: nn.Module, rows: int = 1, fuse_adapters: bool = True) -> int:
+def prepack_linears(model: nn.Module, rows: int = 1) -> int:
     """Replace every fp32 `nn.Linear` inside ``model`` (but tiny ones) by a `PackedLinear`, in
     place; count them.
 
     ``rows``: the rows each matmul sees in the decode that matters (batch-1 decoding: 1 for a
-    plain LM, 2 for FlyThinker-shared's two roles). ``fuse_adapters``: an adapted layer
-    (`RoleLoRALinear`) becomes one `PackedAdaptedLinear` (base and A in one call); False packs
-    its base alone and leaves A and B plain. For decoding only: the result has no trainable
-    linear weights, and a later ``save_pretrained`` would not find them.
+    plain LM, 2 for FlyThinker-shared's two roles). For decoding only: the result has no
+    trainable linear weights, and a later ``save_pretrained`` would not find them.
     """
     count = 0
-    for module in list(model.modules()):
+    for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if fuse_adapters and type(child) is RoleLoRALinear and _packable(child.base_layer):
-                setattr(module, child_name, PackedAdaptedLinear(child, rows))
-                count += 1
-            elif _packable(child) and not (fuse_adapters and type(module) is RoleLoRALinear):
+            if (
+                type(child) is nn.Linear
+                and child.weight.dtype == torch.float32
+                and min(child.in_features, child.out_features) >= MIN_PACKED_FEATURES
+            ):
                 setattr(module, child_name, PackedLinear(child, rows))
                 count += 1
     return count
