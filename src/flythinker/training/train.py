@@ -168,9 +168,10 @@ def train(
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with torch's fused kernel where it applies.
 
-    The default for-loop AdamW updates one tensor at a time; on CPUs it was 43% of a FlyThinker
-    training step. The fused kernel does the same update in one pass per tensor group: measured on
-    2 CPU cores over SmolLM2-135M's shapes, 0.47 s per step against 1.96 s (foreach: 4.6 s), with
+    The default for-loop AdamW updates one tensor at a time, which on CPUs weighs most in short
+    steps (43% of a batch-1 x 64-token step of the 0.5B shape; 4-7% at batch 4 x 256 on
+    SmolLM2-135M, `bench/train_step_cpu.py`). The fused kernel does the same update: measured on 2
+    CPU cores over SmolLM2-135M's shapes, 0.47 s per step against 1.96 s (foreach: 4.6 s), with
     weights within 3e-8 of the for-loop's after 8 steps. FSDP's sharded parameters keep the
     default (``fused=False``): the fused path is not what its GPU runs were verified with.
     """
