@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# One prepared GPU check for issue 7, for a CUDA machine with nothing downloaded:
+# One prepared GPU check (issues 7 and 14), for a CUDA machine with nothing downloaded:
 #   1. the environment (GPU, torch, transformers, peft) and that the package imports from src/;
 #   2. the invariant tests on CUDA (`pytest -m gpu`: overlap modes, FlyThinker-shared on CUDA,
-#      CUDA-graph replays against CPU decoding);
+#      CUDA-graph replays and compiled graph replays against CPU decoding);
 #   3. `flythinker bench` at Qwen2.5-3B (generator) / Qwen2.5-1.5B (reasoner) shapes in bf16,
 #      random weights, every overlap mode the machine has ("none", "streams"; "devices" with 2 GPUs),
-#      eager and with CUDA graphs, plus CoT and Coconut;
+#      with CUDA graphs and with compiled steps replayed from graphs, at batch 1 (the compiled
+#      rows compile once per shape: larger batches would multiply that), plus CoT and Coconut;
+#      FlyThinker-shared with adapters on every linear layer;
 #   4. kernels and GPU-busy time per decode step at the same shapes (bench/kernel_profile.py).
 # Each part has its own time limit and a failing part does not stop the next; the exit status is
 # non-zero if any part failed. Everything goes to $OUT (or bench/out): gpu_check.log,
 # bench_gpu.json, bench_gpu.png, pytest_gpu.xml, kernel_profile.json.
-# Budget: under 8 minutes in all (part limits add to 475 s; measured on an H100: 4.5-5 min).
+# Budget: under 8 minutes in all (part limits add to 475 s; the version without compiled steps
+# took 4.5-5 min on an H100; compile time at these shapes is not yet measured).
 # Run from anywhere: bash bench/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -44,7 +47,7 @@ print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.c
 # Only the files whose tests are about decoding and the model: other test files may import
 # packages (rouge_score, nltk, ...) that this machine lacks.
 part tests-gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT_DIR/pytest_gpu.xml" \
-  tests/test_decoding.py tests/test_shared.py tests/test_model.py tests/test_graphs.py
+  tests/test_decoding.py tests/test_shared.py tests/test_model.py tests/test_graphs.py tests/test_compile.py
 
 part bench-3b-1.5b 250 "$PY" - "$OUT_DIR" <<'PYEOF'
 import sys
@@ -53,7 +56,7 @@ from flythinker.commands.bench import bench_command
 out = sys.argv[1]
 bench_command(
     shape="qwen2.5-3b", reasoner_shape="qwen2.5-1.5b", device="cuda", dtype="bfloat16",
-    prompt_tokens=128, new_tokens=48, batch_new_tokens=24, repeats=3,
+    steps=["graph", "compiled-graph"], batches=[], prompt_tokens=128, new_tokens=48, repeats=3,
     train_batch=4, train_tokens=512, rationale_tokens=32, latent_thoughts=2,
     json=f"{out}/bench_gpu.json", plot=f"{out}/bench_gpu.png",
 )

@@ -61,6 +61,20 @@ def test_bench_tiny_writes_json_and_png(tmp_path, restore_threads, capsys):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
 
+def test_bench_times_compiled_steps_beside_sfts_at_batch_1_only(tmp_path, restore_threads):
+    out = tmp_path / "compiled.json"
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--json", str(out), "--repeats", "1", "--new_tokens", "3",
+            "--train_tokens", "16", "--threads", "1", "--rationale_tokens", "3", "--steps", "[dynamic,compiled]",
+            "--batches", "[]"]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    compiled = {(r["method"], r["overlap"]) for r in rows if r["steps"] == "compiled"}
+    # Coconut's latent passes have no static-cache path: it is timed with dynamic steps only.
+    assert compiled == {("sft", None), ("flythinker", "none"), ("flythinker-shared", None), ("cot", None)}
+    assert not any(r["measure"].startswith("decode_tokens_per_s") for r in rows)  # no larger batches
+    assert all(r["ratio_to_sft"] == 1.0 for r in rows if r["method"] == "sft" and r["measure"] not in NO_RATIO)
+
+
 def test_graphs_on_a_cpu_are_refused(capsys):
     assert main(["bench", "--shape", "tiny", "--device", "cpu", "--steps", "[graph]"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err

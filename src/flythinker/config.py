@@ -216,6 +216,12 @@ class GenerationConfig:
         cuda_graphs: Decode on static KV caches and replay each step from a CUDA graph (CUDA
             only). At small batches a GPU step is bound by kernel launches; a graph launches the
             whole step at once. Costs one static cache of prompt + max_new_tokens slots per model.
+        compile: Decode on static KV caches and run each step through ``torch.compile``
+            (inductor; on a CPU it needs a C++ compiler), which fuses the step's many small
+            kernels; with cuda_graphs the compiled step is replayed from a graph. Compiles once
+            per batch size and cache length (rounded up to 256 slots), then every later call of
+            that shape in the process reuses it: worth it for long runs and servers, not for a
+            few short texts.
     """
 
     max_new_tokens: int = 256
@@ -228,6 +234,7 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0
     overlap: Overlap = "none"
     cuda_graphs: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -6,7 +6,8 @@ each overlap mode, FlyThinker-shared, CoT and Coconut; the prompt-only baselines
 Every method runs in one process, on the same weights (copies of one random or loaded generator),
 through the same decode loop (`flythinker.model.decoding.decode`: same cache type, sampler, stopping
 rule and per-step host sync), in the same weight format. On a GPU every method that can also
-decodes with CUDA graphs (``steps="graph"``), and is then compared with SFT decoding with graphs.
+decodes with CUDA graphs (``steps="graph"``), and is then compared with SFT decoding with graphs;
+likewise with compiled static steps (``"compiled"``, and ``"compiled-graph"`` on a GPU).
 Decode repeats are interleaved across methods (repeat 1 of every method, then repeat 2, ...), so
 drifting machine load hits all of them alike; each figure is the median over repeats, after a
 warm-up run. Per-token latency is the median interval between consecutive tokens of a run; what
@@ -50,7 +51,7 @@ from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from flythinker.errors import FlyThinkerError
 from flythinker.methods import METHODS
-from flythinker.methods.costs import BenchContext, BenchEntry, Floors, module_bytes
+from flythinker.methods.costs import STEP_OPTIONS, BenchContext, BenchEntry, Floors, module_bytes
 from flythinker.model.decoding import position_ids_from_mask
 from flythinker.model.prepack import prepack_available, prepack_linears
 from flythinker.model.sources import load_causal_lm, tiny_config
@@ -79,9 +80,8 @@ MEASURES = {  # measure -> (unit, higher is better)
     "decode_warmup_ms": ("ms", False),  # no ratio: near zero for eager decoding
 }
 NO_RATIO = {"decode_warmup_ms"}
-# The decoders' step modes (`flythinker.model.graphs.STEP_MODES`) a benchmark row can use: the
-# growing-cache steps every method has, and CUDA-graph replay on static caches.
-BENCH_STEP_MODES = ("dynamic", "graph")
+# The step modes a benchmark row can use (`flythinker.methods.costs.STEP_OPTIONS`).
+BENCH_STEP_MODES = tuple(STEP_OPTIONS)
 
 
 @dataclass
@@ -101,12 +101,12 @@ class BenchSettings:
     generator: str = TINY
     reasoner: str = TINY
     threads: int = 1
-    steps: tuple[str, ...] = ("dynamic",)  # "graph": also every method that can, with CUDA graphs
+    steps: tuple[str, ...] = ("dynamic",)  # also "graph", "compiled", "compiled-graph": every method that can
     rationale_tokens: int = 32  # CoT: tokens written before the answer
     latent_thoughts: int = 2  # Coconut: hidden states fed back before the answer
     lora_targets: tuple[str, ...] = ()  # FlyThinker-shared's adapted layers; empty: every linear layer
     ratio_convention: str = (
-        "cost relative to SFT with the same step mode (dynamic or graph) (>1 = costlier); "
+        "cost relative to SFT with the same step mode (dynamic, graph, compiled, compiled-graph) (>1 = costlier); "
         "for tokens/s: SFT's throughput / this one's"
     )
     peak_memory_definition: str = (
@@ -125,7 +125,7 @@ class Result:
     unit: str
     ratio_to_sft: float | None = None
     floor_ratio: float | None = None
-    steps: str = "dynamic"  # "graph": static caches and CUDA-graph replay, compared with SFT's
+    steps: str = "dynamic"  # the step mode (`STEP_OPTIONS`), compared with SFT's in the same mode
 
 
 # ---------------------------------------------------------------------------------- models
@@ -415,7 +415,8 @@ def bench_command(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     weights: Literal["auto", "plain", "packed"] = "auto",
     overlaps: list[str] | None = None,
-    steps: list[Literal["dynamic", "graph"]] | None = None,
+    steps: list[Literal["dynamic", "graph", "compiled", "compiled-graph"]] | None = None,
+    batches: list[Literal[8, 32]] | None = None,
     prompt_tokens: int = 32,
     new_tokens: int = 16,
     batch_new_tokens: int = 6,
@@ -447,9 +448,12 @@ def bench_command(
         weights: "packed" pre-packs every method's linear weights for oneDNN (CPU, fp32 only);
             "auto" packs where that is possible. Every method always gets the same format.
         overlaps: FlyThinker overlap modes to time (default: every mode this machine has).
-        steps: Step modes, as the decoders name them: "dynamic" (growing caches) and/or "graph"
-            (static caches, CUDA-graph replay; CUDA only). Default: both
-            on a GPU, eager on a CPU. Each method is compared with SFT decoding the same way.
+        steps: Step modes: "dynamic" (growing caches), "graph" (static caches, CUDA-graph
+            replay; CUDA only), "compiled" (static steps through torch.compile) and
+            "compiled-graph" (both). Default: dynamic and graph on a GPU, dynamic on a CPU. Each
+            method is compared with SFT decoding the same way.
+        batches: Larger batches to time throughput at, besides batch 1 (default: 8 and 32; an
+            empty list times batch 1 only, e.g. to keep compiled runs to one shape).
         prompt_tokens: Prompt length of the batch-1 runs (ttft and per-token latency).
         new_tokens: Tokens generated per batch-1 run.
         batch_new_tokens: Tokens generated per batch-8 and batch-32 run.
@@ -481,14 +485,16 @@ def bench_command(
     resolved_weights = "packed" if weights == "packed" or (weights == "auto" and packable) else "plain"
     g_source = generator or shape
     steps = steps or (["dynamic", "graph"] if torch_device.type == "cuda" else ["dynamic"])
-    if "graph" in steps and torch_device.type != "cuda":
-        raise FlyThinkerError(f"step mode 'graph' needs a CUDA device, not {torch_device}")
+    for mode in steps:
+        if STEP_OPTIONS[mode].get("cuda_graphs") and torch_device.type != "cuda":
+            raise FlyThinkerError(f"step mode {mode!r} needs a CUDA device, not {torch_device}")
     settings = BenchSettings(
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_new_tokens=batch_new_tokens, repeats=repeats,
         train_batch=train_batch, train_tokens=train_tokens, device=str(torch_device), dtype=dtype,
         weights=resolved_weights, generator=g_source, reasoner=reasoner or reasoner_shape or g_source,
         threads=torch.get_num_threads(), steps=tuple(steps), rationale_tokens=rationale_tokens,
         latent_thoughts=latent_thoughts, lora_targets=tuple(lora_targets or ()),
+        batches=BenchSettings.batches if batches is None else tuple(batches),
     )
     with _graph_failures_noted(settings):
         results = run_bench(settings, overlaps, seed)

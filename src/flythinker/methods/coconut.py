@@ -387,7 +387,7 @@ def generate_latent(
     output_scores: bool = False,
 ) -> GenerationOutput:
     """Decode a left-padded batch with ``latents`` thoughts before the answer, through the shared loop."""
-    if config.cuda_graphs:
+    if config.cuda_graphs or config.compile:
         _warn_eager_once()
     decoder = LatentThoughtDecoder(lm, ThoughtMarkers.of(tokenizer), latents)
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
@@ -404,7 +404,8 @@ def generate_latent(
 
 @functools.cache
 def _warn_eager_once() -> None:
-    log.warning("Coconut decodes with eager steps: its latent passes have no static-cache path, so cuda_graphs is ignored")
+    log.warning("Coconut decodes with eager steps: its latent passes have no static-cache path, so cuda_graphs "
+                "and compile are ignored")
 
 
 # --------------------------------------------------------------------------- the method

@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-GRAPH = "graph"  # the step mode that replays CUDA graphs (`flythinker.model.graphs.STEP_MODES`)
+# The step modes a benchmark row can decode with, as the generation settings that select them:
+# growing caches (every method), CUDA-graph replay, torch.compile'd static steps, and both.
+STEP_OPTIONS: dict[str, dict[str, bool]] = {
+    "dynamic": {},
+    "graph": {"cuda_graphs": True},
+    "compiled": {"compile": True},
+    "compiled-graph": {"cuda_graphs": True, "compile": True},
+}
 # Ids that never end a run: every benchmark decode writes all the tokens it is asked for.
 NEVER_STOP = {"eos_token_id": -1, "pad_token_id": 0}
 
@@ -32,7 +39,7 @@ class BenchContext:
     generator: PreTrainedModel  # every method's generator; methods that change weights copy it
     reasoner: PreTrainedModel  # FlyThinker's reasoner (a copy of its own)
     device: torch.device
-    steps: tuple[str, ...]  # step modes to time: "dynamic" and/or "graph"
+    steps: tuple[str, ...]  # step modes to time (`STEP_OPTIONS`)
     overlaps: tuple[str, ...]  # FlyThinker's overlap modes this machine can run
     packed: bool  # oneDNN pre-packed linears for every method (the generator is packed already)
     prompt_tokens: int

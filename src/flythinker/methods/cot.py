@@ -44,7 +44,13 @@ from flythinker.data.prompts import (
     sentence_boundaries,
 )
 from flythinker.io import append_jsonl
-from flythinker.methods.costs import GRAPH, NEVER_STOP, BenchEntry, BenchTrainer, module_bytes
+from flythinker.methods.costs import (
+    NEVER_STOP,
+    STEP_OPTIONS,
+    BenchEntry,
+    BenchTrainer,
+    module_bytes,
+)
 from flythinker.methods.lm import LMMethod
 from flythinker.model.decoding import GenerationOutput, generate_plain
 
@@ -235,7 +241,7 @@ class CoT(LMMethod):
         token is to that answer token."""
         g, rationale = bench.generator, bench.rationale_tokens
 
-        def run(ids, mask, n, on_token, graphs):
+        def run(ids, mask, n, on_token, options):
             seen = [0]
 
             def answer_tokens_only(token):
@@ -244,10 +250,10 @@ class CoT(LMMethod):
                     on_token(token)
 
             return generate_plain(g, ids, mask, max_new_tokens=rationale + n, on_token=answer_tokens_only,
-                                  cuda_graphs=graphs, **NEVER_STOP)
+                                  **options, **NEVER_STOP)
 
         return [
-            BenchEntry(cls.name, None, [g], lambda ids, mask, n, cb, graphs=steps == GRAPH: run(ids, mask, n, cb, graphs),
+            BenchEntry(cls.name, None, [g], lambda ids, mask, n, cb, options=STEP_OPTIONS[steps]: run(ids, mask, n, cb, options),
                        floors.thinking(rationale, bench.prompt_tokens), steps, batched=False)
             for steps in bench.steps
         ]

@@ -9,8 +9,8 @@ import torch
 
 from flythinker.methods.base import Method
 from flythinker.methods.costs import (
-    GRAPH,
     NEVER_STOP,
+    STEP_OPTIONS,
     BenchEntry,
     BenchTrainer,
     decode_bytes,
@@ -32,7 +32,7 @@ class FlyThinkerMethod(Method):
     def bench_entries(cls, bench, floors):
         """A separate reasoner in every overlap mode this machine has (one copy of both models
         for the one-device modes, a moved copy for "devices"), and the shared reasoner; each in
-        every step mode, except that graphs need both models on one device. Floors: the
+        every step mode, except that static caches need both models on one device. Floors: the
         reasoner's decoder is read once more per step (its LM head never runs); the shared
         variant reads only the adapter more, and runs the generator's decoder twice at prefill."""
         g, r = bench.generator, bench.reasoner
@@ -57,19 +57,18 @@ class FlyThinkerMethod(Method):
             prepack_linears(shared.generator.get_decoder(), rows=2)  # decoder's two
             prepack_linears(shared.generator)  # the LM head, which reads the generator's row only
 
-        def run(model, overlap, graphs):
+        def run(model, overlap, steps):
             return lambda ids, mask, n, on_token: model.generate(
-                ids, mask, max_new_tokens=n, overlap=overlap, on_token=on_token, cuda_graphs=graphs, **NEVER_STOP)
+                ids, mask, max_new_tokens=n, overlap=overlap, on_token=on_token, **STEP_OPTIONS[steps], **NEVER_STOP)
 
         entries = []
         for steps in bench.steps:
-            graphs = steps == GRAPH
             for overlap in bench.overlaps:
-                if graphs and overlap == "devices":
-                    continue  # graphs need both models on one device
+                if steps != "dynamic" and overlap == "devices":
+                    continue  # static caches need both models on one device
                 model = models["devices" if overlap == "devices" else "one-device"]
-                entries.append(BenchEntry(cls.name, overlap, [model], run(model, overlap, graphs), dict(separate_floors), steps))
-            entries.append(BenchEntry(shared.reasoner_component.label, None, [shared], run(shared, "none", graphs),
+                entries.append(BenchEntry(cls.name, overlap, [model], run(model, overlap, steps), dict(separate_floors), steps))
+            entries.append(BenchEntry(shared.reasoner_component.label, None, [shared], run(shared, "none", steps),
                                       dict(shared_floors), steps))
         return entries
 

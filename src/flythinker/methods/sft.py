@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import copy
 
-from flythinker.methods.costs import GRAPH, NEVER_STOP, BenchEntry, BenchTrainer, module_bytes
+from flythinker.methods.costs import (
+    NEVER_STOP,
+    STEP_OPTIONS,
+    BenchEntry,
+    BenchTrainer,
+    module_bytes,
+)
 from flythinker.methods.lm import LMMethod
 from flythinker.model.decoding import generate_plain
 
@@ -22,8 +28,8 @@ class SFT(LMMethod):
     def bench_entries(cls, bench, floors):
         g = bench.generator
         return [
-            BenchEntry(cls.name, None, [g], lambda ids, mask, n, on_token, graphs=steps == GRAPH: generate_plain(
-                g, ids, mask, max_new_tokens=n, on_token=on_token, cuda_graphs=graphs, **NEVER_STOP),
+            BenchEntry(cls.name, None, [g], lambda ids, mask, n, on_token, options=STEP_OPTIONS[steps]: generate_plain(
+                g, ids, mask, max_new_tokens=n, on_token=on_token, **options, **NEVER_STOP),
                 floors.relative(), steps, baseline=True)
             for steps in bench.steps
         ]

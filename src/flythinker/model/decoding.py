@@ -11,7 +11,8 @@ The two halves of a step do not depend on each other, which is what the overlap 
   vector per row cross between them, with non-blocking copies, so both devices run at once.
 
 Orthogonally, ``cuda_graphs`` decodes on static KV caches and replays each step from a CUDA graph
-(`flythinker.model.graphs`); under ``"streams"`` one graph holds both models' branches.
+(`flythinker.model.graphs`); under ``"streams"`` one graph holds both models' branches. ``compile``
+runs the static steps through ``torch.compile`` (replayed from graphs too when both are on).
 
 Hugging Face ``generate()`` cannot change a model's inputs per step, hence this loop. Only the
 reasoner's base model runs (its LM head would be pure waste), and the generator's prefill keeps the
@@ -43,7 +44,15 @@ from transformers.generation.logits_process import (
 
 from flythinker.config import GenerationConfig
 from flythinker.errors import FlyThinkerError
-from flythinker.model.graphs import StaticStep, StepInputs, check_step_mode, static_cache
+from flythinker.model.graphs import (
+    StaticStep,
+    StepInputs,
+    check_compile,
+    check_step_mode,
+    compile_step,
+    reserved_length,
+    static_cache,
+)
 
 if TYPE_CHECKING:
     from flythinker.model.adapter import AdapterRows
@@ -80,12 +89,14 @@ class StepDecoder(ABC):
 
     ``steps`` chooses how `step` runs `forward_step`: on the caches the prefill grew ("dynamic"),
     or on static caches and fixed buffers made by `static_inputs` at the first step, eagerly
-    ("static") or replayed from a CUDA graph ("graph"). A decoder without static steps overrides
-    `step` itself.
+    ("static") or replayed from a CUDA graph ("graph"). With ``compile`` the static step goes
+    through ``torch.compile`` (`compile_steps`). A decoder without static steps overrides `step`
+    itself.
     """
 
     device: torch.device  # where logits come out and tokens are chosen
     steps: str = "dynamic"
+    compile: bool = False
     max_length: int | None = None
     # Which of the batch's rows the caches hold, in order (`decode` updates it when rows leave);
     # None until decoding starts.
@@ -94,7 +105,16 @@ class StepDecoder(ABC):
     inputs: StepInputs | None = None  # its fixed input buffers
 
     def reserve(self, max_length: int) -> None:
-        self.max_length = max_length
+        self.max_length = reserved_length(max_length, self.compile)
+
+    def use_steps(self, steps: str, compile: bool, *devices: torch.device) -> None:
+        """Check and set how steps run (`steps`, `compile`); compiling needs static caches."""
+        check_step_mode(steps, *devices)
+        if compile:
+            check_compile(*devices)
+            if steps == "dynamic":
+                raise FlyThinkerError("compiled steps run on static caches: use steps 'static' or 'graph' with compile")
+        self.steps, self.compile = steps, compile
 
     def release(self) -> None:
         """Drop the static step when decoding ends. Its graph and the decoder refer to each other,
@@ -110,6 +130,8 @@ class StepDecoder(ABC):
             return self.forward_step(tokens, attention_mask, position_ids)
         if self.static is None:  # set up at the first step, so that it never delays the first token
             self.inputs = self.static_inputs(tokens.shape[0])
+            if self.compile:
+                self.compile_steps()
             self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
         self.inputs.load(tokens, position_ids)
         return self.static()
@@ -117,6 +139,12 @@ class StepDecoder(ABC):
     def _static_step(self) -> torch.Tensor:
         inputs = self.inputs
         return self.forward_step(inputs.tokens, inputs.mask.advance(), inputs.position)
+
+    def compile_steps(self) -> None:
+        """Route static steps through ``torch.compile``: by default the whole `forward_step`.
+        The slot mask advances outside it (two tiny ops whose in-place cursor would only add a
+        mutation for the compiler to track)."""
+        self.forward_step = compile_step(self.forward_step)
 
     def forward_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One token per row through the current caches; ``attention_mask`` is the growing 2-D
@@ -146,12 +174,13 @@ class StepDecoder(ABC):
 class CausalLMDecoder(StepDecoder):
     """A plain Hugging Face causal LM with a KV cache: the SFT and zero-shot baselines.
 
-    ``steps``: "dynamic" (growing cache), "static" or "graph" (static cache, CUDA-graph replay).
+    ``steps``: "dynamic" (growing cache), "static" or "graph" (static cache, CUDA-graph replay);
+    ``compile``: static steps through ``torch.compile``.
     """
 
-    def __init__(self, lm: PreTrainedModel, steps: str = "dynamic") -> None:
-        check_step_mode(steps, lm.device)
-        self.lm, self.device, self.steps = lm, lm.device, steps
+    def __init__(self, lm: PreTrainedModel, steps: str = "dynamic", compile: bool = False) -> None:
+        self.use_steps(steps, compile, lm.device)
+        self.lm, self.device = lm, lm.device
         self.prefill_cache = DynamicCache(config=lm.config)
         self.cache = cache_kwargs(lm, self.prefill_cache)
 
@@ -178,17 +207,16 @@ class CausalLMDecoder(StepDecoder):
 class FlyThinkerDecoder(StepDecoder):
     """Reasoner and generator in lockstep, each with its own cache, on the devices they are on.
 
-    ``steps`` as for `CausalLMDecoder`; with "graph" and ``overlap="streams"`` one graph holds
-    both models, on two branches the GPU runs side by side.
+    ``steps`` and ``compile`` as for `CausalLMDecoder`; with "graph" and ``overlap="streams"``
+    one graph holds both models, on two branches the GPU runs side by side.
     """
 
-    def __init__(self, model: FlyThinker, overlap: str = "none", steps: str = "dynamic") -> None:
+    def __init__(self, model: FlyThinker, overlap: str = "none", steps: str = "dynamic", compile: bool = False) -> None:
         self.model = model
         self.r_dev, self.device = model.reasoner.device, model.generator.device
-        check_step_mode(steps, self.r_dev, self.device)
+        self.use_steps(steps, compile, self.r_dev, self.device)
         if steps != "dynamic" and self.r_dev != self.device:
             raise FlyThinkerError("static caches and CUDA graphs need both models on one device; not with overlap='devices'")
-        self.steps = steps
         self.streams = _Streams.for_mode(overlap, self.r_dev, self.device)
         self.target_norm = model.target_norm() if model.config.rescale else None
         # Caches are made here and filled in place by the models, one per role.
@@ -230,28 +258,41 @@ class FlyThinkerDecoder(StepDecoder):
         self.h_prev = self.h_prev[index]
         return True
 
+    def compile_steps(self):
+        """Each model's half of a step compiled on its own, so the stream switches around them
+        stay plain Python (and two halves can still overlap on two streams)."""
+        self._reason_step = compile_step(self._reason_step)
+        self._generate_step = compile_step(self._generate_step)
+
     def _both(self, tokens, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of each model; both read only the new token and h_prev, neither waits on the other."""
-        model, r_dev = self.model, self.r_dev
         with self.streams.reasoner():
-            h_next = model.reason(
-                tokens[:, None].to(r_dev, non_blocking=True),
-                attention_mask.to(r_dev, non_blocking=True),
-                position_ids.to(r_dev, non_blocking=True),
-                use_cache=True,
-                **self.r_cache,
-            ).last_hidden_state[:, -1]
+            h_next = self._reason_step(tokens, attention_mask, position_ids)
         with self.streams.generator():
-            token_embeds = model.generator.get_input_embeddings()(tokens[:, None])
-            logits = model.generator(
-                inputs_embeds=model.fuse(token_embeds, self.h_prev[:, None], self.target_norm),
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **self.g_cache,
-            ).logits[:, -1].float()
+            logits = self._generate_step(tokens, attention_mask, position_ids)
         self.streams.join()
         return logits, h_next
+
+    def _reason_step(self, tokens, attention_mask, position_ids) -> torch.Tensor:
+        r_dev = self.r_dev
+        return self.model.reason(
+            tokens[:, None].to(r_dev, non_blocking=True),
+            attention_mask.to(r_dev, non_blocking=True),
+            position_ids.to(r_dev, non_blocking=True),
+            use_cache=True,
+            **self.r_cache,
+        ).last_hidden_state[:, -1]
+
+    def _generate_step(self, tokens, attention_mask, position_ids) -> torch.Tensor:
+        model = self.model
+        token_embeds = model.generator.get_input_embeddings()(tokens[:, None])
+        return model.generator(
+            inputs_embeds=model.fuse(token_embeds, self.h_prev[:, None], self.target_norm),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **self.g_cache,
+        ).logits[:, -1].float()
 
     def reasoning(self):
         return self.h_prev.clone()
@@ -265,12 +306,11 @@ class SharedDecoder(StepDecoder):
     (``steps`` as for `flythinker.model.decoding.CausalLMDecoder`).
     """
 
-    def __init__(self, model: FlyThinker, adapter_rows: AdapterRows, steps: str = "dynamic") -> None:
+    def __init__(self, model: FlyThinker, adapter_rows: AdapterRows, steps: str = "dynamic", compile: bool = False) -> None:
         self.model, self.adapter_rows = model, adapter_rows
         self.lm = model.generator
         self.device = self.lm.device
-        check_step_mode(steps, self.device)
-        self.steps = steps
+        self.use_steps(steps, compile, self.device)
         self.target_norm = model.target_norm() if model.config.rescale else None
         self.cache: Cache | None = None
         self.h_prev: torch.Tensor | None = None
@@ -288,7 +328,7 @@ class SharedDecoder(StepDecoder):
             use_cache=True, logits_to_keep=1, **cache_kwargs(self.lm, g_cache),
         ).logits[:, -1].float()
         if self.steps == "dynamic":
-            self.cache = stack_caches(g_cache, r_cache, config)
+            self.use_cache(stack_caches(g_cache, r_cache, config))
         else:  # copied into static caches at the first step, so that never delays the first token
             self.prefill_caches, self.prompt_mask = (g_cache, r_cache), attention_mask
         return logits
@@ -301,8 +341,13 @@ class SharedDecoder(StepDecoder):
         return logits
 
     def static_inputs(self, batch):
-        self.cache, self.prefill_caches = static_cache(self.lm.config, self.prefill_caches, self.max_length), ()
+        self.use_cache(static_cache(self.lm.config, self.prefill_caches, self.max_length))
+        self.prefill_caches = ()
         return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype, rows=2 * batch)
+
+    def use_cache(self, cache: Cache) -> None:
+        # The decoder's keyword for it is looked up here, outside any compiled step.
+        self.cache, self.cache_kwargs = cache, cache_kwargs(self.lm.get_decoder(), cache)
 
     def _select_rows(self, index):
         batch = self.h_prev.shape[0]  # the stacked cache holds the generator rows, then the reasoner's
@@ -321,7 +366,7 @@ class SharedDecoder(StepDecoder):
                 attention_mask=attention_mask,
                 position_ids=position_ids.repeat(2, 1),
                 use_cache=True,
-                **cache_kwargs(self.lm.get_decoder(), self.cache),
+                **self.cache_kwargs,
             ).last_hidden_state[:, -1]
         # Only the generator rows need logits: the LM head is read for B rows, as in plain decoding.
         return self.lm.get_output_embeddings()(hidden[:batch]).float(), hidden[batch:]
@@ -353,7 +398,7 @@ def generate(
     """
     config, options = _split_overrides(config, kwargs)
     with _eval_mode(model):
-        return decode(model.step_decoder(config.overlap, _step_mode(config)), input_ids, attention_mask, config,
+        return decode(model.step_decoder(config.overlap, _step_mode(config), config.compile), input_ids, attention_mask, config,
                       **_defaults(model.tokenizer, model.generator, model.context_length(), options))
 
 
@@ -370,7 +415,7 @@ def generate_plain(
     config, options = _split_overrides(config, kwargs)
     with _eval_mode(lm):
         context = getattr(lm.config, "max_position_embeddings", None)
-        return decode(CausalLMDecoder(lm, _step_mode(config)), input_ids, attention_mask, config,
+        return decode(CausalLMDecoder(lm, _step_mode(config), config.compile), input_ids, attention_mask, config,
                       **_defaults(tokenizer, lm, context, options))
 
 
@@ -463,7 +508,9 @@ def decode(
 
 
 def _step_mode(config: GenerationConfig) -> str:
-    return "graph" if config.cuda_graphs else "dynamic"
+    if config.cuda_graphs:
+        return "graph"
+    return "static" if config.compile else "dynamic"
 
 
 _LOOP_OPTIONS = ("eos_token_id", "pad_token_id", "on_token", "output_scores", "output_reasoning")

@@ -293,13 +293,14 @@ class FlyThinker(nn.Module):
                 "(max_position_embeddings); shorten the prompt or lower the token budgets"
             )
 
-    def step_decoder(self, overlap: str = "none", steps: str = "dynamic") -> StepDecoder:
+    def step_decoder(self, overlap: str = "none", steps: str = "dynamic", compile: bool = False) -> StepDecoder:
         """The prefill and decode step that `flythinker.model.decoding.generate` loops over, as
         the reasoner's kind runs it.
 
-        ``steps``: "dynamic" caches, or "static" caches run eagerly or replayed as CUDA "graph"s.
+        ``steps``: "dynamic" caches, or "static" caches run eagerly or replayed as CUDA "graph"s;
+        ``compile``: static steps through ``torch.compile``.
         """
-        return self.reasoner_component.step_decoder(self, overlap, steps)
+        return self.reasoner_component.step_decoder(self, overlap, steps, compile)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> GenerationOutput:

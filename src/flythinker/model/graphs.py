@@ -19,11 +19,20 @@ the first decode step runs eagerly (on a side stream, the warm-up capture needs)
 captured and replayed, and every later one is replayed. With ``capture=False`` the same buffers
 and code run eagerly every step; that is what the CPU tests check against dynamic decoding, so a
 graph replays a step already proven equal.
+
+`compile_step` adds ``torch.compile`` on top: each decoder routes its static step (or, where two
+CUDA streams split a step, each stream's half) through inductor, which fuses the step's many small
+elementwise kernels. Static caches are what make this pay: every step has the same shapes, so one
+compilation serves them all. Dynamo keeps compiled code per Python function, guarded by the input
+shapes, so a later decode call with the same batch and cache length reuses it (no recompilation;
+the tests count), whichever decoder object or model instance makes the call.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable, Sequence
 
 import torch
@@ -43,6 +52,42 @@ def check_step_mode(mode: str, *devices: torch.device) -> None:
     if mode == "graph" and any(device.type != "cuda" for device in devices):
         on = ", ".join(sorted({str(d) for d in devices}))
         raise FlyThinkerError(f"cuda_graphs needs the models on a CUDA device (they are on {on}); turn it off on a CPU")
+
+
+def check_compile(*devices: torch.device) -> None:
+    """Refuse ``compile`` where inductor cannot build kernels, before any decoding starts."""
+    if any(device.type == "cpu" for device in devices) and not _cxx_compiler():
+        raise FlyThinkerError(
+            "compile on a CPU needs a C++ compiler for torch.compile's inductor backend (none found: set CXX "
+            "or install g++); turn compile off"
+        )
+
+
+def _cxx_compiler() -> str | None:
+    named = os.environ.get("CXX")
+    return shutil.which(named) if named else next(filter(None, map(shutil.which, ("g++", "clang++", "c++"))), None)
+
+
+def compile_step(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``step`` (one decode step over static caches) compiled for fixed shapes.
+
+    ``dynamic=False``: a decode step's shapes are its batch and cache length, both fixed for a
+    whole call, so specialising costs one compilation per (batch, cache length) and buys the
+    fastest kernels; `reserved_length` rounds cache lengths so that calls share them.
+    """
+    return torch.compile(step, dynamic=False)
+
+
+COMPILED_LENGTH_MULTIPLE = 256
+"""Compiled steps size static caches to a multiple of this many slots: calls whose prompt and
+token budget differ a little then share one compiled step; the extra slots stay masked."""
+
+
+def reserved_length(length: int, compiled: bool) -> int:
+    """Static cache slots to reserve for ``length`` tokens (rounded up when steps are compiled)."""
+    if not compiled:
+        return length
+    return -(-length // COMPILED_LENGTH_MULTIPLE) * COMPILED_LENGTH_MULTIPLE
 
 
 def static_cache(config: PretrainedConfig, parts: Sequence[DynamicCache], max_length: int) -> StaticCache:

@@ -81,7 +81,7 @@ class Reasoner(ABC):
         """
 
     @abstractmethod
-    def step_decoder(self, model: FlyThinker, overlap: str, steps: str) -> StepDecoder:
+    def step_decoder(self, model: FlyThinker, overlap: str, steps: str, compile: bool = False) -> StepDecoder:
         """The prefill and decode step that `flythinker.model.decoding.decode` loops over."""
 
     @abstractmethod
@@ -126,8 +126,8 @@ class SeparateReasoner(Reasoner):
         for name, lm in (("reasoner", self.lm), ("generator", generator)):
             lm.save_pretrained(directory / name, state_dict=None if state_dict is None else with_prefix(state_dict, f"{name}."))
 
-    def step_decoder(self, model, overlap, steps):
-        return FlyThinkerDecoder(model, overlap, steps)
+    def step_decoder(self, model, overlap, steps, compile=False):
+        return FlyThinkerDecoder(model, overlap, steps, compile)
 
     def own_parameters(self):
         return list(self.lm.parameters())
@@ -186,7 +186,7 @@ class AdapterReasoner(Reasoner):
             adapter_dir / ADAPTER_WEIGHTS,
         )
 
-    def step_decoder(self, model, overlap, steps):
+    def step_decoder(self, model, overlap, steps, compile=False):
         """One batched 2B-row forward per step. ``overlap`` 'none' and 'streams' both mean that
         (it is this reasoner's one-device overlap); 'devices' cannot split one set of weights."""
         if overlap == "devices":
@@ -194,7 +194,7 @@ class AdapterReasoner(Reasoner):
                 "overlap='devices' needs two models on two devices; FlyThinker-shared runs both roles "
                 "in one batched forward on one device (use overlap='none')"
             )
-        return SharedDecoder(model, self.rows, steps)
+        return SharedDecoder(model, self.rows, steps, compile)
 
     def own_parameters(self):
         return list(self.adapter_state().values())
