@@ -16,13 +16,12 @@ from flythinker.config import GenerationConfig
 from flythinker.errors import FlyThinkerError
 from flythinker.model import graphs
 from flythinker.model.decoding import CausalLMDecoder, generate_plain
+from flythinker.model.prepack import prepack_linears
 from flythinker.model.sources import build_tiny
 
 
 def compiled(kind, make_model, tokenizer, steps="static", device="cpu"):
-    decoder = decoders(kind, make_model, tokenizer, steps, device=device)
-    decoder.use_steps(steps, True, decoder.device)
-    return decoder
+    return decoders(kind, make_model, tokenizer, steps, device=device, compile=True)
 
 
 @pytest.mark.parametrize("kind", ["plain", "flythinker-pad", "shared"])
@@ -61,6 +60,13 @@ def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_up_front(monkeypatch
     with pytest.raises(FlyThinkerError, match="needs a C\\+\\+ compiler"):
         generate_plain(build_tiny(64, seed=2), prompt_batch.input_ids, max_new_tokens=2, compile=True,
                        eos_token_id=-1, pad_token_id=0)
+
+
+def test_compile_over_prepacked_weights_is_refused_up_front(prompt_batch):
+    lm = build_tiny(128, seed=2).eval()  # wide enough for prepack_linears to pack
+    assert prepack_linears(lm) > 0
+    with pytest.raises(FlyThinkerError, match="pre-packed for oneDNN"):
+        generate_plain(lm, prompt_batch.input_ids, max_new_tokens=2, compile=True, eos_token_id=-1, pad_token_id=0)
 
 
 def test_compile_is_a_generation_setting():

@@ -22,16 +22,17 @@ NEW_TOKENS = 10
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def decoders(kind: str, make_model, tokenizer, steps: str, overlap: str = "none", device: str = "cpu"):
+def decoders(kind: str, make_model, tokenizer, steps: str, overlap: str = "none", device: str = "cpu",
+             compile: bool = False):
     """A fresh decoder of one family over fixed tiny weights (the same weights for every ``steps``)."""
     if kind == "plain":
-        return CausalLMDecoder(build_tiny(64, seed=2).eval().to(device), steps)
+        return CausalLMDecoder(build_tiny(64, seed=2).eval().to(device), steps, compile)
     if kind == "shared":
         torch.manual_seed(3)
         model = randomize_adapter(FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lam=1.0)).eval()
-        return model.to(device).step_decoder(steps=steps)
+        return model.to(device).step_decoder(steps=steps, compile=compile)
     fusion, d_r = ("pad", 32) if kind == "flythinker-pad" else ("linear", 64)
-    return FlyThinkerDecoder(make_model(lam=1.0, fusion=fusion, d_r=d_r, d_g=64).to(device), overlap, steps)
+    return FlyThinkerDecoder(make_model(lam=1.0, fusion=fusion, d_r=d_r, d_g=64).to(device), overlap, steps, compile)
 
 
 def run(decoder, prompt_batch, device="cpu"):

@@ -27,7 +27,7 @@ import functools
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -107,11 +107,13 @@ class StepDecoder(ABC):
     def reserve(self, max_length: int) -> None:
         self.max_length = reserved_length(max_length, self.compile)
 
-    def use_steps(self, steps: str, compile: bool, *devices: torch.device) -> None:
-        """Check and set how steps run (`steps`, `compile`); compiling needs static caches."""
+    def use_steps(self, steps: str, compile: bool, models: Sequence[torch.nn.Module]) -> None:
+        """Check and set how steps run (`steps`, `compile`) for ``models`` (the modules the steps
+        run, on their devices); compiling needs static caches."""
+        devices = [model.device for model in models]
         check_step_mode(steps, *devices)
         if compile:
-            check_compile(*devices)
+            check_compile(models)
             if steps == "dynamic":
                 raise FlyThinkerError("compiled steps run on static caches: use steps 'static' or 'graph' with compile")
         self.steps, self.compile = steps, compile
@@ -179,7 +181,7 @@ class CausalLMDecoder(StepDecoder):
     """
 
     def __init__(self, lm: PreTrainedModel, steps: str = "dynamic", compile: bool = False) -> None:
-        self.use_steps(steps, compile, lm.device)
+        self.use_steps(steps, compile, [lm])
         self.lm, self.device = lm, lm.device
         self.prefill_cache = DynamicCache(config=lm.config)
         self.cache = cache_kwargs(lm, self.prefill_cache)
@@ -214,7 +216,7 @@ class FlyThinkerDecoder(StepDecoder):
     def __init__(self, model: FlyThinker, overlap: str = "none", steps: str = "dynamic", compile: bool = False) -> None:
         self.model = model
         self.r_dev, self.device = model.reasoner.device, model.generator.device
-        self.use_steps(steps, compile, self.r_dev, self.device)
+        self.use_steps(steps, compile, [model.reasoner, model.generator])
         if steps != "dynamic" and self.r_dev != self.device:
             raise FlyThinkerError("static caches and CUDA graphs need both models on one device; not with overlap='devices'")
         self.streams = _Streams.for_mode(overlap, self.r_dev, self.device)
@@ -310,7 +312,7 @@ class SharedDecoder(StepDecoder):
         self.model, self.adapter_rows = model, adapter_rows
         self.lm = model.generator
         self.device = self.lm.device
-        self.use_steps(steps, compile, self.device)
+        self.use_steps(steps, compile, [self.lm])
         self.target_norm = model.target_norm() if model.config.rescale else None
         self.cache: Cache | None = None
         self.h_prev: torch.Tensor | None = None

@@ -39,6 +39,7 @@ import torch
 from transformers import DynamicCache, PretrainedConfig, StaticCache
 
 from flythinker.errors import FlyThinkerError
+from flythinker.model.prepack import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,18 @@ def check_step_mode(mode: str, *devices: torch.device) -> None:
         raise FlyThinkerError(f"cuda_graphs needs the models on a CUDA device (they are on {on}); turn it off on a CPU")
 
 
-def check_compile(*devices: torch.device) -> None:
-    """Refuse ``compile`` where inductor cannot build kernels, before any decoding starts."""
-    if any(device.type == "cpu" for device in devices) and not _cxx_compiler():
+def check_compile(models: Sequence[torch.nn.Module]) -> None:
+    """Refuse ``compile`` where inductor cannot build the step, before any decoding starts."""
+    if any(model.device.type == "cpu" for model in models) and not _cxx_compiler():
         raise FlyThinkerError(
             "compile on a CPU needs a C++ compiler for torch.compile's inductor backend (none found: set CXX "
             "or install g++); turn compile off"
+        )
+    # Inductor lowers oneDNN's packed linear only for weights it froze and packed itself.
+    if any(isinstance(module, PackedLinear) for model in models for module in model.modules()):
+        raise FlyThinkerError(
+            "compile cannot run models whose linear weights were pre-packed for oneDNN (prepack_linears); "
+            "compile the plain model, or decode the packed one without compile"
         )
 
 
