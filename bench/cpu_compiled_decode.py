@@ -6,12 +6,11 @@ run eagerly ("static") and static caches through torch.compile ("compiled", indu
 model decodes the same random prompt; repeats are interleaved over all (model, mode) pairs so
 drifting load hits each alike; per-token latency is the median interval between consecutive
 tokens of a run, and each figure the median over repeats. The warm-up run's length is reported
-as ``first_call_s``: for compiled steps it is the compilation. Weights are plain fp32, or with
-``--packed`` pre-packed for oneDNN as `flythinker bench` packs them (every model alike; the
-dynamic mode is then left out).
+as ``first_call_s``: for compiled steps it is the compilation. Weights are plain fp32: compile
+refuses the oneDNN pre-packed weights `flythinker bench` uses on CPUs (inductor cannot lower them).
 
 Usage: python bench/cpu_compiled_decode.py [--shape qwen2.5-0.5b] [--threads 2] [--repeats 5]
-           [--packed] [--json bench/results/cpu_compiled_decode.json]
+           [--json bench/results/cpu_compiled_decode.json]
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from flythinker.commands.bench import build_lm
 from flythinker.config import GenerationConfig
 from flythinker.model.decoding import CausalLMDecoder, decode
 from flythinker.model.flythinker import FlyThinker
-from flythinker.model.prepack import prepack_linears
 
 NEVER = {"eos_token_id": -1, "pad_token_id": 0}
 MODES = {"dynamic": ("dynamic", False), "static": ("static", False), "compiled": ("static", True)}
@@ -54,28 +52,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--packed", action="store_true", help="oneDNN pre-packed weights for every model")
     parser.add_argument("--json", type=Path, default=None, help="write settings and results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = build_lm(args.shape, torch.float32, torch.device("cpu"))
     fly = FlyThinker.from_models(copy.deepcopy(g), copy.deepcopy(g)).eval()
     shared = FlyThinker.shared(copy.deepcopy(g)).eval()
-    modes = dict(MODES)
-    if args.packed:  # as `flythinker bench` packs: each matmul for the rows it sees at batch 1
-        prepack_linears(g)
-        prepack_linears(fly.reasoner.get_decoder())
-        prepack_linears(fly.generator)
-        prepack_linears(shared.generator.get_decoder(), rows=2)
-        prepack_linears(shared.generator)
-        del modes["dynamic"]
     ids = torch.randint(3, g.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     makers = {
         "sft": lambda steps, compiled: lambda: CausalLMDecoder(g.eval(), steps, compiled),
         "flythinker": lambda steps, compiled: lambda: fly.step_decoder("none", steps, compiled),
         "shared": lambda steps, compiled: lambda: shared.step_decoder("none", steps, compiled),
     }
-    runs = {(method, mode): make(*modes[mode]) for method, make in makers.items() for mode in modes}
+    runs = {(method, mode): make(*MODES[mode]) for method, make in makers.items() for mode in MODES}
     first_call = {}
     for key, decoder_for in runs.items():  # warm-up: compiles the compiled modes
         first_call[key] = per_token(decoder_for, ids, args.new_tokens)[1]
