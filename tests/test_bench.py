@@ -72,6 +72,9 @@ def test_bench_times_compiled_steps_beside_sfts_at_batch_1_only(tmp_path, restor
     # Coconut's latent passes have no static-cache path: it is timed with dynamic steps only.
     assert compiled == {("sft", None), ("flythinker", "none"), ("flythinker-shared", None), ("cot", None)}
     assert not any(r["measure"].startswith("decode_tokens_per_s") for r in rows)  # no larger batches
+    # The training step is timed eagerly (dynamic rows) and compiled (`TrainConfig.compile`).
+    trained = {(r["method"], r["steps"]) for r in rows if r["measure"] == "train_step_s"}
+    assert trained == {(m, steps) for m in ("sft", "flythinker", "flythinker-shared", "cot") for steps in ("dynamic", "compiled")}
     assert all(r["ratio_to_sft"] == 1.0 for r in rows if r["method"] == "sft" and r["measure"] not in NO_RATIO)
 
 

@@ -174,3 +174,31 @@ def test_the_optimizer_is_torchs_fused_adamw_and_updates_as_the_plain_one_does()
     untrained = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
     moved = [(a - b).abs().max().item() for a, b in zip(fused_weights, untrained.parameters())]
     assert min(moved[:3]) > 1e-3 and moved[3] == 0  # every trained tensor moved, the frozen one did not
+
+
+def test_a_compiled_training_step_updates_as_the_eager_one_does(make_model, tokenizer, tmp_path):
+    """`TrainConfig.compile`: the same losses and weights as eager training, through one compiled
+    graph (no breaks: the rescale norm's check runs inside it) that serves every batch length."""
+    from torch._dynamo.utils import counters
+
+    one_layer = {"num_hidden_layers": 1}  # compile time grows with depth; one layer shows the same
+    examples = copy_examples(8)  # records of different lengths: batches padded to different lengths
+    trained = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = make_model(fusion="linear", d_r=32, d_g=64, reasoner_overrides=one_layer, generator_overrides=one_layer)
+        config = TrainConfig(output_dir=str(tmp_path / str(compiled)), max_steps=3, batch_size=2, lr=1e-2,
+                             compile=compiled)
+        trained[compiled] = (train(model, tokenizer, examples, config, save=False, show_progress=False).losses, model)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    (eager_losses, eager), (compiled_losses, compiled) = trained[False], trained[True]
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
+    worst = max((p - q).abs().max().item() for p, q in zip(eager.parameters(), compiled.parameters()))
+    assert worst < 1e-4
+    # The compiled function was the training loop's own: the trained model runs eagerly after it.
+    captured = counters["stats"]["calls_captured"]
+    batch = collate([encode(tokenizer, e, 64, 64) for e in examples[:2]], pad_token_id=0)
+    with torch.no_grad():
+        compiled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert counters["stats"]["calls_captured"] == captured

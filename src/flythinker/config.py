@@ -287,6 +287,12 @@ class TrainConfig:
         gradient_checkpointing: Recompute each decoder layer's activations in the backward pass
             (reasoner and generator both): much less activation memory for about a third more
             compute.
+        compile: Run each training forward and its loss through ``torch.compile`` (inductor;
+            on a CPU it needs a C++ compiler), which fuses the elementwise work between the
+            matmuls, forward and backward. Compiled once with dynamic shapes, since batches differ
+            in length; the first step pays the compilation. Single process or DDP (DeepSpeed and
+            FSDP are refused). Changes how a step runs, not what it computes: a run may resume
+            with it switched.
         save_every: Save a resumable training state (model, optimizer, scheduler, RNG states,
             step) under output_dir/states every this many optimizer steps; 0 saves none.
         keep_last: How many of those states to keep; older ones are deleted once a newer one is
@@ -318,6 +324,7 @@ class TrainConfig:
     max_prompt_tokens: int = 1550
     max_target_tokens: int = 1000
     gradient_checkpointing: bool = False
+    compile: bool = False
     save_every: int = 0
     keep_last: int = 2
     resume: bool = True

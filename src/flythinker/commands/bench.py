@@ -52,10 +52,9 @@ from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 from flythinker.errors import FlyThinkerError
 from flythinker.methods import METHODS
 from flythinker.methods.costs import STEP_OPTIONS, BenchContext, BenchEntry, Floors, module_bytes
-from flythinker.model.decoding import position_ids_from_mask
 from flythinker.model.prepack import prepack_available, prepack_linears
 from flythinker.model.sources import load_causal_lm, tiny_config
-from flythinker.training.train import make_optimizer
+from flythinker.training.train import forward_loss_sum, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -204,21 +203,22 @@ def random_prompts(batch: int, length: int, vocab: int, device: torch.device, se
 
 
 def train_step_seconds(model: nn.Module, settings: BenchSettings, vocab: int, device: torch.device,
-                       extra_tokens: int = 0) -> float:
+                       extra_tokens: int = 0, compiled: bool = False) -> float:
     """Median seconds of one AdamW step (forward, backward, update), as `flythinker.training.train` runs it.
 
     ``extra_tokens``: longer sequences for the same examples (CoT trains on rationale + answer).
+    ``compiled``: the forward and loss through torch.compile, as ``TrainConfig.compile`` runs them.
     """
     model.train()
     optimizer = make_optimizer(model, lr=1e-5, weight_decay=0.0)
     ids = random_prompts(settings.train_batch, settings.train_tokens + extra_tokens, vocab, device, seed=1)
-    mask = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss_sum = torch.compile(forward_loss_sum, dynamic=True) if compiled else forward_loss_sum
     times = []
-    for index in range(1 + settings.train_repeats):  # the first step allocates the optimizer state
+    for index in range(1 + settings.train_repeats):  # the first step allocates the optimizer state (and compiles)
         _sync(device)
         start = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids, position_ids=position_ids_from_mask(mask)).loss
-        loss.backward()
+        loss_sum(model, batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
@@ -260,17 +260,23 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
 
     # Training first, on fresh copies freed after each method: optimizer state is the largest memory.
     log.info("training steps")
-    train_times = {}
+    # Training does not depend on how a method decodes: the eager step is reported with the
+    # dynamic rows, the compiled one (`TrainConfig.compile`) with the first compiled step mode's.
+    compiled_mode = next((mode for mode in settings.steps if STEP_OPTIONS[mode].get("compile")), None)
+    train_modes = {mode: mode == compiled_mode for mode in ("dynamic", compiled_mode) if mode in settings.steps}
+    train_times: dict[tuple[str, str], float] = {}
     for trainer in (t for method in METHODS.values() for t in method.bench_trainers(bench)):
         # Weights, gradients and AdamW's two moments: four copies of every trained parameter.
         need = 4 * trainer.trained_bytes * 1.1
         if need > _available_bytes(device):
             settings.notes.append(f"{trainer.method}: training step skipped, needs about {need / 2**30:.1f} GiB")
             continue
-        model = trainer.build()
-        train_times[trainer.method] = train_step_seconds(model, settings, vocab, device, trainer.extra_tokens)
-        del model
-        _free(device)
+        for mode, compiled in train_modes.items():
+            model = trainer.build()
+            train_times[(trainer.method, mode)] = train_step_seconds(
+                model, settings, vocab, device, trainer.extra_tokens, compiled=compiled)
+            del model
+            _free(device)
 
     floors = Floors(g)  # from the weights as loaded, before any packing
     contenders = [e for method in METHODS.values() for e in method.bench_entries(bench, floors)]
@@ -278,13 +284,13 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
         prepack_linears(g)
     bench.reasoner = None
     _free(device)
-    for method in sorted({c.method for c in contenders} - set(train_times)):
+    for method in sorted({c.method for c in contenders} - {method for method, _ in train_times}):
         settings.notes.append(f"{method}: training step not timed (see its bench_trainers)")
     baseline = next(c for c in contenders if c.baseline)
     base_bytes = module_bytes(*baseline.modules)
     for c in contenders:
-        # Training does not depend on how a method decodes: reported once, with the dynamic rows.
-        raw[c.key] = {"train_step_s": train_times[c.method]} if c.method in train_times and c.steps == "dynamic" else {}
+        timed = train_times.get((c.method, c.steps))
+        raw[c.key] = {} if timed is None else {"train_step_s": timed}
         # Memory floor from the weights as they are held (a packed tied head is a second copy).
         c.floors["peak_memory_mb"] = module_bytes(*c.modules) / base_bytes
 

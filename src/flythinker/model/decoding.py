@@ -113,7 +113,7 @@ class StepDecoder(ABC):
         devices = [model.device for model in models]
         check_step_mode(steps, *devices)
         if compile:
-            check_compile(models)
+            check_compile(devices, models)
             if steps == "dynamic":
                 raise FlyThinkerError("compiled steps run on static caches: use steps 'static' or 'graph' with compile")
         self.steps, self.compile = steps, compile

@@ -189,6 +189,15 @@ def _mean_row_norm(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _checked(norm: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Inside a compiled forward a host-side test would split the graph at every call (and
+        # sync); this assertion runs inside the compiled code and raises just the same.
+        torch._assert_async(
+            torch.isfinite(norm) & (norm > 0),
+            "the generator's embedding table gives a zero or non-finite mean row norm: the rescale would "
+            "zero the reasoning signal",
+        )
+        return norm
     if not bool(torch.isfinite(norm)) or float(norm) <= 0:
         raise FlyThinkerError(
             f"the generator's embedding table gives a mean row norm of {float(norm)} (weight of "

@@ -55,9 +55,10 @@ def check_step_mode(mode: str, *devices: torch.device) -> None:
         raise FlyThinkerError(f"cuda_graphs needs the models on a CUDA device (they are on {on}); turn it off on a CPU")
 
 
-def check_compile(models: Sequence[torch.nn.Module]) -> None:
-    """Refuse ``compile`` where inductor cannot build the step, before any decoding starts."""
-    if any(model.device.type == "cpu" for model in models) and not _cxx_compiler():
+def check_compile(devices: Sequence[torch.device], models: Sequence[torch.nn.Module] = ()) -> None:
+    """Refuse ``torch.compile`` where inductor cannot build ``models``' code on ``devices``,
+    before any work starts."""
+    if any(device.type == "cpu" for device in devices) and not _cxx_compiler():
         raise FlyThinkerError(
             "compile on a CPU needs a C++ compiler for torch.compile's inductor backend (none found: set CXX "
             "or install g++); turn compile off"

@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from flythinker.data.collate import Encoded, Example, collate, encode, read_prom
 from flythinker.errors import FlyThinkerError
 from flythinker.io import append_jsonl, atomic_directory, to_plain, write_yaml
 from flythinker.model.decoding import position_ids_from_mask
+from flythinker.model.graphs import check_compile
 from flythinker.training import checkpoints
 from flythinker.training.engines import (
     configure_engine,
@@ -59,6 +60,7 @@ _RESUMABLE_CHANGES = {
     "log_every",
     "batch_size",
     "grad_accum",
+    "compile",
 }
 
 
@@ -136,7 +138,8 @@ def train(
         unit="step",
         disable=not (show_progress and accelerator.is_main_process),
     )
-    loop = _Loop(accelerator, model, optimizer, scheduler, plan, encoded, pad, config, log_path)
+    loop = _Loop(accelerator, model, optimizer, scheduler, plan, encoded, pad, config, log_path,
+                 _loss_function(accelerator, config))
     if config.report_to != "none":
         accelerator.init_trackers(out_dir.name or "flythinker", config=_hyperparameters(config, accelerator))
     try:
@@ -186,6 +189,28 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused
 # --------------------------------------------------------------------------- one step
 
 
+def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One micro-batch's forward and its summed next-token loss (what `TrainConfig.compile` compiles)."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids_from_mask(batch["attention_mask"]),
+    )
+    return token_cross_entropy_sum(out.logits, batch["labels"])
+
+
+def _loss_function(accelerator: Accelerator, config: TrainConfig) -> Callable:
+    if not config.compile:
+        return forward_loss_sum
+    kind = distributed_kind(accelerator)
+    if kind in ("deepspeed", "fsdp"):
+        raise FlyThinkerError(f"training.compile is not supported with {kind} (its sharding hooks); turn it off")
+    check_compile([accelerator.device])
+    # dynamic=True: batches are padded to their longest record, so lengths vary from step to step;
+    # one compilation with symbolic lengths serves them all instead of one per length.
+    return torch.compile(forward_loss_sum, dynamic=True)
+
+
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy summed over the labelled tokens (labels unshifted, -100 ignored)."""
     return F.cross_entropy(
@@ -224,6 +249,7 @@ class _Loop:
     pad_token_id: int
     config: TrainConfig
     log_path: Path
+    loss_sum: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # `forward_loss_sum`, maybe compiled
 
     def run(self, state: checkpoints.TrainerState, progress: tqdm) -> None:
         """Steps ``state.step`` to the end: train, log, and save a resumable state every so often."""
@@ -290,12 +316,7 @@ class _Loop:
                 k: v.to(accelerator.device) for k, v in collate(items, self.pad_token_id).items()
             }
             with accelerator.accumulate(self.model):
-                out = self.model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    position_ids=position_ids_from_mask(batch["attention_mask"]),
-                )
-                loss_sum = token_cross_entropy_sum(out.logits, batch["labels"])
+                loss_sum = self.loss_sum(self.model, batch)
                 accelerator.backward(loss_sum * scale)
                 summed += loss_sum.detach()
                 if accelerator.sync_gradients:
