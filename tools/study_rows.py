@@ -1,0 +1,69 @@
+"""Collect finished rows of one task of a `flythinker run` study into one JSON file: each row's
+metrics, held-out and validation loss and third-epoch training loss, and every row minus SFT on
+the same records (paired-bootstrap 95% intervals, `flythinker.evaluation.report.paired_rows`).
+
+The runner writes its own report only when a whole invocation ends; this reads the row
+directories as they finish, so a study that spans sessions can publish each stage.
+
+Usage: python tools/study_rows.py RUN_DIR TASK OUT.json LABEL [LABEL ...]
+  e.g. python tools/study_rows.py runs/study-start-at-sft product_review \
+           docs/results/start_at_sft/product_review/results.json sft flythinker-zero-linear-x10
+The first row run by the SFT method is the baseline (it must be among the labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flythinker.evaluation.report import paired_rows
+
+TEXT_METRICS = ("rouge1", "rougeL", "meteor", "bleu")
+
+
+def third_epoch_loss(log: Path) -> float | None:
+    """Mean training loss over the last third of the logged steps (the third of three epochs)."""
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines() if line.strip()]
+    last = losses[len(losses) * 2 // 3:]
+    return sum(last) / len(last) if last else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("task")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("labels", nargs="+")
+    args = parser.parse_args()
+    methods, rows = {}, {}
+    for label in args.labels:
+        work = args.run_dir / args.task / label
+        if not (work / "metrics.json").is_file():
+            print(f"study_rows: {work} has no metrics.json (not finished yet?)", file=sys.stderr)
+            return 2
+        metrics = json.loads((work / "metrics.json").read_text())
+        methods[label] = metrics
+        rows[label] = {
+            "metrics": {k: metrics["metrics"][k] for k in TEXT_METRICS},
+            "heldout_loss": metrics.get("heldout_loss", {}).get("per_token"),
+            "validation_loss": metrics.get("validation_loss", {}).get("per_token"),
+            "train_loss_third_epoch_mean": third_epoch_loss(work / "train_log.jsonl"),
+            "n": metrics["n_samples"],
+        }
+    paired = paired_rows({args.task: methods})
+    if not paired:
+        print("study_rows: no row to compare: the labels need an SFT row and one other", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"run_dir": str(args.run_dir), "task": args.task, "rows": rows,
+                                    "paired_vs_sft": paired}, indent=1) + "\n")
+    for p in paired:
+        print(f"{p['method']:32} {p['metric']:13} {p['difference']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]")
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
