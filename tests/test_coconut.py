@@ -33,6 +33,7 @@ from flythinker.methods.coconut import (
 )
 from flythinker.methods.cot import ANSWER_MARKER, RATIONALE_FILE, rationale_key, rationale_prompt
 from flythinker.model.sources import build_tiny
+from flythinker.training.engines import enable_gradient_checkpointing
 from flythinker.training.train import train
 
 LATENTS = 2
@@ -281,7 +282,7 @@ def test_a_training_step_changes_every_weight_and_the_loss_falls(lm, tokenizer, 
 
 
 def test_gradient_checkpointing_is_refused(lm, tokenizer, markers):
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(lm)  # as `TrainConfig.gradient_checkpointing` does
     batch = collate(copy_items(tokenizer, markers, 2, 1), 0)
     with pytest.raises(FlyThinkerError, match="gradient_checkpointing"):
         LatentLM(lm).train()(batch["input_ids"], batch["attention_mask"])

@@ -244,4 +244,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     for child in models:
         # Non-reentrant checkpointing works with inputs_embeds (the generator's fused input),
         # with inputs that need no grad, and under FSDP.
-        child.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(child, "activation_checkpointing_enable", None)  # transformers >= 5.2x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            child.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
