@@ -25,7 +25,7 @@ import torch
 
 from flythinker.model.flythinker import FlyThinker
 from flythinker.model.sources import load_causal_lm
-from flythinker.training.train import forward_loss_sum, make_optimizer
+from flythinker.training.train import compiled_loss_sum, forward_loss_sum, make_optimizer
 
 
 def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
@@ -51,7 +51,7 @@ def main() -> None:
     ids = torch.randint(3, lm.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
     rows = {}
     for label, fused, compiled in variants:
-        loss_sum = torch.compile(forward_loss_sum, dynamic=True) if compiled else forward_loss_sum
+        loss_sum = compiled_loss_sum() if compiled else forward_loss_sum
         sft = copy.deepcopy(lm).train()
         fly = FlyThinker.from_models(copy.deepcopy(lm), copy.deepcopy(lm), lam=0.5).train()
         optimizers = {"sft": make_optimizer(sft, 1e-5, 0.025, fused=fused),

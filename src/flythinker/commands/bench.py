@@ -54,7 +54,7 @@ from flythinker.methods import METHODS
 from flythinker.methods.costs import STEP_OPTIONS, BenchContext, BenchEntry, Floors, module_bytes
 from flythinker.model.prepack import prepack_available, prepack_linears
 from flythinker.model.sources import load_causal_lm, tiny_config
-from flythinker.training.train import forward_loss_sum, make_optimizer
+from flythinker.training.train import compiled_loss_sum, forward_loss_sum, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,6 @@ MEASURES = {  # measure -> (unit, higher is better)
     "decode_warmup_ms": ("ms", False),  # no ratio: near zero for eager decoding
 }
 NO_RATIO = {"decode_warmup_ms"}
-# The step modes a benchmark row can use (`flythinker.methods.costs.STEP_OPTIONS`).
-BENCH_STEP_MODES = tuple(STEP_OPTIONS)
 
 
 @dataclass
@@ -213,7 +211,7 @@ def train_step_seconds(model: nn.Module, settings: BenchSettings, vocab: int, de
     optimizer = make_optimizer(model, lr=1e-5, weight_decay=0.0)
     ids = random_prompts(settings.train_batch, settings.train_tokens + extra_tokens, vocab, device, seed=1)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    loss_sum = torch.compile(forward_loss_sum, dynamic=True) if compiled else forward_loss_sum
+    loss_sum = compiled_loss_sum() if compiled else forward_loss_sum
     times = []
     for index in range(1 + settings.train_repeats):  # the first step allocates the optimizer state (and compiles)
         _sync(device)

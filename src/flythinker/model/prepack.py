@@ -59,7 +59,7 @@ def prepack_linears(model: nn.Module, rows: int = 1) -> int:
     trainable linear weights, and a later ``save_pretrained`` would not find them.
     """
     count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if (
                 type(child) is nn.Linear

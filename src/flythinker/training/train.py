@@ -206,8 +206,15 @@ def _loss_function(accelerator: Accelerator, config: TrainConfig) -> Callable:
     if kind in ("deepspeed", "fsdp"):
         raise FlyThinkerError(f"training.compile is not supported with {kind} (its sharding hooks); turn it off")
     check_compile([accelerator.device])
-    # dynamic=True: batches are padded to their longest record, so lengths vary from step to step;
-    # one compilation with symbolic lengths serves them all instead of one per length.
+    return compiled_loss_sum()
+
+
+def compiled_loss_sum() -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+    """`forward_loss_sum` through torch.compile, as `TrainConfig.compile` runs it.
+
+    dynamic=True: batches are padded to their longest record, so lengths vary from step to step;
+    one compilation with symbolic lengths serves them all instead of one per length.
+    """
     return torch.compile(forward_loss_sum, dynamic=True)
 
 
