@@ -16,7 +16,7 @@ from flythinker.commands.cli import main
 METHODS = {"sft", "flythinker", "flythinker-shared", "cot", "coconut"}
 RESULT_KEYS = {"method", "overlap", "measure", "value", "unit", "ratio_to_sft", "floor_ratio", "steps"}
 # CoT and Coconut decode like SFT once they answer: timed at batch 1, where their thinking shows.
-THINKING_MEASURES = {"ttft_ms", "decode_ms_per_token_b1", "decode_warmup_ms", "peak_memory_mb"}
+THINKING_MEASURES = {"ttft_ms", "decode_ms_per_token_b1", "decode_warmup_ms", "first_call_warmup_ms", "peak_memory_mb"}
 
 
 @pytest.fixture

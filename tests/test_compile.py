@@ -46,8 +46,8 @@ def test_compiled_steps_give_eager_tokens_and_compile_once_per_shape(kind, make_
 
 
 def test_compile_rounds_static_caches_up_so_nearby_lengths_share_a_shape():
-    assert graphs.reserved_length(300, compiled=True) == graphs.reserved_length(500, compiled=True) == 512
-    assert graphs.reserved_length(300, compiled=False) == 300
+    assert graphs.reserved_length(300, static=True) == graphs.reserved_length(500, static=True) == 512
+    assert graphs.reserved_length(300, static=False) == 300
 
 
 def test_compile_without_static_caches_is_a_clear_error():

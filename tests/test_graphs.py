@@ -6,6 +6,9 @@ replays; the GPU tests add only the capture and replay.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import parallel_logits_at_decoded_positions
@@ -13,26 +16,38 @@ from test_shared import randomize_adapter
 
 from flythinker.config import GenerationConfig
 from flythinker.errors import FlyThinkerError
-from flythinker.model.decoding import CausalLMDecoder, FlyThinkerDecoder, decode
+from flythinker.model.decoding import CausalLMDecoder, decode
 from flythinker.model.flythinker import FlyThinker
-from flythinker.model.graphs import SlotMask
+from flythinker.model.graphs import KEPT_STATES, SlotMask
 from flythinker.model.sources import build_tiny
 
 NEW_TOKENS = 10
+PROMPTS_TWO = ["Write a review of the blue kettle.", "Hi"]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_model(kind: str, make_model, tokenizer):
+    """The fixed tiny weights of one family (the same weights for every ``steps``)."""
+    if kind == "plain":
+        return build_tiny(64, seed=2).eval()
+    if kind == "shared":
+        torch.manual_seed(3)
+        return randomize_adapter(FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lam=1.0)).eval()
+    fusion, d_r = ("pad", 32) if kind == "flythinker-pad" else ("linear", 64)
+    return make_model(lam=1.0, fusion=fusion, d_r=d_r, d_g=64)
+
+
+def decoder_over(model, steps: str, overlap: str = "none", compile: bool = False):
+    """A fresh decoder of ``model``'s family."""
+    if isinstance(model, FlyThinker):
+        return model.step_decoder(overlap, steps, compile)
+    return CausalLMDecoder(model, steps, compile)
 
 
 def decoders(kind: str, make_model, tokenizer, steps: str, overlap: str = "none", device: str = "cpu",
              compile: bool = False):
-    """A fresh decoder of one family over fixed tiny weights (the same weights for every ``steps``)."""
-    if kind == "plain":
-        return CausalLMDecoder(build_tiny(64, seed=2).eval().to(device), steps, compile)
-    if kind == "shared":
-        torch.manual_seed(3)
-        model = randomize_adapter(FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lam=1.0)).eval()
-        return model.to(device).step_decoder(steps=steps, compile=compile)
-    fusion, d_r = ("pad", 32) if kind == "flythinker-pad" else ("linear", 64)
-    return FlyThinkerDecoder(make_model(lam=1.0, fusion=fusion, d_r=d_r, d_g=64).to(device), overlap, steps, compile)
+    """A fresh decoder of one family over fresh copies of its fixed tiny weights."""
+    return decoder_over(tiny_model(kind, make_model, tokenizer).to(device), steps, overlap, compile)
 
 
 def run(decoder, prompt_batch, device="cpu"):
@@ -141,3 +156,96 @@ def test_rows_leaving_and_returned_scores_do_not_mix(make_model, tokenizer, prom
         decode(decoders("plain", make_model, tokenizer, "dynamic"), prompt_batch.input_ids, prompt_batch.attention_mask,
                GenerationConfig(max_new_tokens=2), eos_token_id=-1, pad_token_id=0, output_scores=True,
                unwanted=list)
+
+
+# --------------------------------------------------------------------------- kept static states
+
+OTHER_PROMPTS = ["A long review, please: the kettle boils fast, looks fine and the lid", "Hello there", "An abstract"]
+
+
+def greedy(decoder, batch):
+    with torch.no_grad():
+        return decode(decoder, batch.input_ids.to(decoder.device), batch.attention_mask.to(decoder.device),
+                      GenerationConfig(max_new_tokens=NEW_TOKENS), eos_token_id=-1, pad_token_id=0, output_scores=True)
+
+
+@pytest.mark.parametrize("kind", ["plain", "flythinker-pad", "flythinker-linear", "shared"])
+def test_a_later_call_of_the_same_shape_reuses_the_static_state_for_its_own_prompts(kind, make_model, tokenizer, prompt_batch):
+    """What a second `write`, or a server's next batch, does: a fresh decoder over the same model
+    takes the first call's caches and buffers (on a GPU: its captured graph), refills them, and
+    decodes its own, differently padded prompts as a decoder that never saw the first call would."""
+    model = tiny_model(kind, make_model, tokenizer)
+    other = tokenizer(OTHER_PROMPTS, return_tensors="pt", padding=True)
+    assert other.input_ids.shape[1] != prompt_batch.input_ids.shape[1]
+    reference = greedy(decoder_over(model, "dynamic"), other)
+
+    greedy(decoder_over(model, "static"), prompt_batch)
+    assert KEPT_STATES.kept(model) == 1
+    hits = KEPT_STATES.hits
+    second = decoder_over(model, "static")
+    out = greedy(second, other)
+    assert KEPT_STATES.hits == hits + 1 and KEPT_STATES.kept(model) == 1
+    assert torch.equal(out.sequences, reference.sequences)
+    score_diff = max((s - r).abs().max().item() for s, r in zip(out.scores, reference.scores))
+    assert score_diff <= 1e-5, f"reused-state vs dynamic logits differ by {score_diff}"
+
+
+def test_a_kept_state_serves_only_its_own_shape_weights_and_lambda(make_model, tokenizer, prompt_batch):
+    model = tiny_model("flythinker-linear", make_model, tokenizer)
+    greedy(decoder_over(model, "static"), prompt_batch)
+    misses = KEPT_STATES.misses
+    greedy(decoder_over(model, "static"), tokenizer(PROMPTS_TWO, return_tensors="pt", padding=True))  # batch 2
+    with torch.no_grad():  # new tensors for one parameter: a graph would read the old ones
+        model.fusion.projection.weight = torch.nn.Parameter(model.fusion.projection.weight.clone())
+    greedy(decoder_over(model, "static"), prompt_batch)
+    model.fusion.lam_scale = 0.5  # lambda is a Python number a captured step bakes in
+    greedy(decoder_over(model, "static"), prompt_batch)
+    assert KEPT_STATES.misses == misses + 3 and KEPT_STATES.kept(model) == 4
+
+
+def test_kept_states_are_bounded_per_model_and_go_with_the_model(tokenizer):
+    model = build_tiny(64, seed=2).eval()
+    for length in range(1, 7):  # six batch sizes: six shapes
+        greedy(decoder_over(model, "static"), tokenizer(["Hi"] * length, return_tensors="pt"))
+    assert KEPT_STATES.kept(model) == KEPT_STATES.per_model
+    kept = weakref.ref(next(iter(KEPT_STATES._kept[model].values())))
+    del model
+    gc.collect()
+    assert kept() is None  # the state did not keep its model alive, nor the model its state
+
+
+def test_a_call_that_fails_midway_leaves_a_state_the_next_call_can_use(make_model, tokenizer, prompt_batch):
+    model = tiny_model("flythinker-pad", make_model, tokenizer)
+    reference = greedy(decoder_over(model, "dynamic"), prompt_batch)
+
+    tokens_seen = []
+
+    def fail_at_step_4(token):
+        tokens_seen.append(token)
+        if len(tokens_seen) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        decode(decoder_over(model, "static"), prompt_batch.input_ids, prompt_batch.attention_mask,
+               GenerationConfig(max_new_tokens=NEW_TOKENS), eos_token_id=-1, pad_token_id=0, on_token=fail_at_step_4)
+    hits = KEPT_STATES.hits
+    assert torch.equal(greedy(decoder_over(model, "static"), prompt_batch).sequences, reference.sequences)
+    assert KEPT_STATES.hits == hits + 1
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(("kind", "overlap"), [("plain", "none"), ("flythinker-pad", "streams"), ("shared", "none")])
+def test_a_later_call_replays_the_graph_an_earlier_call_captured(kind, overlap, make_model, tokenizer, prompt_batch):
+    model = tiny_model(kind, make_model, tokenizer)
+    other = tokenizer(OTHER_PROMPTS, return_tensors="pt", padding=True)
+    reference = greedy(decoder_over(model, "dynamic"), other)
+    model.to("cuda")
+    first = decoder_over(model, "graph", overlap)
+    greedy(first, prompt_batch)
+    (state,) = KEPT_STATES._kept[model].values()
+    graph = state.step.graph
+    assert graph is not None and state.step.capture_error is None, state.step.capture_error
+    out = greedy(decoder_over(model, "graph", overlap), other)
+    assert state.step.graph is graph and state.uses == 2  # replayed from its first step, not captured again
+    assert torch.equal(out.sequences.cpu(), reference.sequences)

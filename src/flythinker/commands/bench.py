@@ -11,7 +11,9 @@ likewise with compiled static steps (``"compiled"``, and ``"compiled-graph"`` on
 Decode repeats are interleaved across methods (repeat 1 of every method, then repeat 2, ...), so
 drifting machine load hits all of them alike; each figure is the median over repeats, after a
 warm-up run. Per-token latency is the median interval between consecutive tokens of a run; what
-the first two decode steps cost beyond it (a graph's warm-up and capture) is `decode_warmup_ms`.
+the first two decode steps cost beyond it is `decode_warmup_ms`, and the same on each entry's
+first call (the warm-up: compilation and graph capture, which later calls of the same shape reuse)
+is `first_call_warmup_ms`.
 
 CoT and Coconut run the generator as they decode: CoT writes ``rationale_tokens`` tokens before its
 first answer token (a fixed count: random weights cannot be trusted to write the answer marker),
@@ -77,8 +79,9 @@ MEASURES = {  # measure -> (unit, higher is better)
     "train_step_s": ("s", False),
     "peak_memory_mb": ("MB", False),
     "decode_warmup_ms": ("ms", False),  # no ratio: near zero for eager decoding
+    "first_call_warmup_ms": ("ms", False),  # no ratio: compilation and capture, paid once per shape
 }
-NO_RATIO = {"decode_warmup_ms"}
+NO_RATIO = {"decode_warmup_ms", "first_call_warmup_ms"}
 
 
 @dataclass
@@ -292,14 +295,16 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
         # Memory floor from the weights as they are held (a packed tied head is a second copy).
         c.floors["peak_memory_mb"] = module_bytes(*c.modules) / base_bytes
 
-    # Peak memory: each contender's weights plus what one batch-1 decode adds (also its warm-up).
+    # Peak memory: each contender's weights plus what one batch-1 decode adds. This is also its
+    # first call, which compiles and captures what later calls of the same shape reuse.
     prompt = random_prompts(1, settings.prompt_tokens, vocab, device, seed)
     for c in contenders:
         _free(device)
         before = _reset_peak(device)
-        timed_decode(c, prompt, settings.new_tokens, device)
+        first = timed_decode(c, prompt, settings.new_tokens, device)
         working = max(0, _peak(device) - before)
         raw[c.key]["peak_memory_mb"] = (module_bytes(*c.modules) + working) / 2**20
+        raw[c.key]["first_call_warmup_ms"] = first.warmup * 1e3
 
     log.info("decode, batch 1")
     samples: dict[Key, dict[str, list[float]]] = {c.key: {} for c in contenders}

@@ -27,7 +27,7 @@ import functools
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,13 +45,15 @@ from transformers.generation.logits_process import (
 from flythinker.config import GenerationConfig
 from flythinker.errors import FlyThinkerError
 from flythinker.model.graphs import (
+    KEPT_STATES,
+    StaticState,
     StaticStep,
     StepInputs,
     check_compile,
     check_step_mode,
     compile_step,
     reserved_length,
-    static_cache,
+    weights_fingerprint,
 )
 
 if TYPE_CHECKING:
@@ -88,13 +90,18 @@ class StepDecoder(ABC):
     ``reserve`` first with the longest sequence it may produce, which static caches are sized to.
 
     ``steps`` chooses how `step` runs `forward_step`: on the caches the prefill grew ("dynamic"),
-    or on static caches and fixed buffers made by `static_inputs` at the first step, eagerly
+    or on static caches and fixed buffers filled by `static_inputs` at the first step, eagerly
     ("static") or replayed from a CUDA graph ("graph"). With ``compile`` the static step goes
     through ``torch.compile`` (`compile_steps`). A decoder without static steps overrides `step`
     itself.
+
+    Static buffers and the captured graph outlive the call: `release` hands them to
+    `graphs.KEPT_STATES` under the decoder's `static_key`, and the next decoder of the same model
+    and shape takes them back, refills them and replays the graph without capturing again.
     """
 
     device: torch.device  # where logits come out and tokens are chosen
+    owner: torch.nn.Module  # the model whose kept static states this decoder uses
     steps: str = "dynamic"
     compile: bool = False
     max_length: int | None = None
@@ -103,9 +110,11 @@ class StepDecoder(ABC):
     rows: torch.Tensor | None = None
     static: StaticStep | None = None  # the step on static buffers, when the decoder uses one
     inputs: StepInputs | None = None  # its fixed input buffers
+    state: StaticState | None = None  # what holds both, and the key it goes back under
+    state_key: Hashable = None
 
     def reserve(self, max_length: int) -> None:
-        self.max_length = reserved_length(max_length, self.compile)
+        self.max_length = reserved_length(max_length, static=self.steps != "dynamic")
 
     def use_steps(self, steps: str, compile: bool, models: Sequence[torch.nn.Module]) -> None:
         """Check and set how steps run (`steps`, `compile`) for ``models`` (the modules the steps
@@ -119,10 +128,13 @@ class StepDecoder(ABC):
         self.steps, self.compile = steps, compile
 
     def release(self) -> None:
-        """Drop the static step when decoding ends. Its graph and the decoder refer to each other,
-        so without this their GPU memory would go back whenever the garbage collector ran: inside
-        some later, timed call."""
-        self.static = None
+        """Hand the static state back for the next call when decoding ends. The step forgets this
+        decoder's method (its body): a kept state must not keep the decoder, or the model its
+        states are kept for, alive."""
+        if self.state is not None:
+            self.state.step.body = None
+            KEPT_STATES.put(self.owner, self.state_key, self.state)
+        self.static = self.state = self.inputs = None
 
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor: ...
@@ -131,12 +143,32 @@ class StepDecoder(ABC):
         if self.steps == "dynamic":
             return self.forward_step(tokens, attention_mask, position_ids)
         if self.static is None:  # set up at the first step, so that it never delays the first token
-            self.inputs = self.static_inputs(tokens.shape[0])
-            if self.compile:
-                self.compile_steps()
-            self.static = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
+            self._take_static_state(tokens.shape[0])
         self.inputs.load(tokens, position_ids)
         return self.static()
+
+    def _take_static_state(self, batch: int) -> None:
+        self.state_key = self.static_key(batch)
+        state = KEPT_STATES.take(self.owner, self.state_key) or StaticState(self.max_length)
+        state.uses += 1
+        self.inputs = self.static_inputs(state)
+        if self.compile:
+            self.compile_steps()
+        if state.step is None:
+            state.step = StaticStep(self._static_step, self.device, capture=self.steps == "graph")
+        else:  # a kept graph replays without this; an eager or failed capture runs it
+            state.step.body = self._static_step
+        self.state, self.static = state, state.step
+
+    def static_key(self, batch: int) -> Hashable:
+        """What a kept static state must match to serve this call: the decoder and how it steps,
+        the batch and cache length, where the weights live, and any Python value a captured step
+        bakes in (`static_key_extras`)."""
+        return (type(self).__name__, self.steps, self.compile, self.device, batch, self.max_length,
+                weights_fingerprint(self.owner), *self.static_key_extras())
+
+    def static_key_extras(self) -> tuple[Hashable, ...]:
+        return ()
 
     def _static_step(self) -> torch.Tensor:
         inputs = self.inputs
@@ -153,8 +185,9 @@ class StepDecoder(ABC):
         padding mask (dynamic steps) or `SlotMask`'s 4-D one (static steps)."""
         raise NotImplementedError(f"{type(self).__name__} overrides step() instead")
 
-    def static_inputs(self, batch: int) -> StepInputs:
-        """Move the prefill's caches into static ones; return the fixed buffers steps read."""
+    def static_inputs(self, state: StaticState) -> StepInputs:
+        """Move the prefill's caches (and any buffer a step rewrites) into ``state``'s; return
+        the fixed buffers steps read."""
         raise NotImplementedError(f"{type(self).__name__} has no static-cache steps")
 
     def reasoning(self) -> torch.Tensor | None:
@@ -182,7 +215,7 @@ class CausalLMDecoder(StepDecoder):
 
     def __init__(self, lm: PreTrainedModel, steps: str = "dynamic", compile: bool = False) -> None:
         self.use_steps(steps, compile, [lm])
-        self.lm, self.device = lm, lm.device
+        self.lm, self.owner, self.device = lm, lm, lm.device
         self.prefill_cache = DynamicCache(config=lm.config)
         self.cache = cache_kwargs(lm, self.prefill_cache)
 
@@ -193,10 +226,10 @@ class CausalLMDecoder(StepDecoder):
     def forward_step(self, tokens, attention_mask, position_ids):
         return self._logits(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids)
 
-    def static_inputs(self, batch):
-        self.cache = cache_kwargs(self.lm, static_cache(self.lm.config, [self.prefill_cache], self.max_length))
+    def static_inputs(self, state):
+        self.cache = cache_kwargs(self.lm, state.cache("lm", self.lm.config, [self.prefill_cache]))
         self.prefill_cache = None  # copied: free it
-        return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype)
+        return state.step_inputs(self.prompt_mask, self.lm.dtype)
 
     def _select_rows(self, index):
         self.prefill_cache.batch_select_indices(index)
@@ -214,7 +247,8 @@ class FlyThinkerDecoder(StepDecoder):
     """
 
     def __init__(self, model: FlyThinker, overlap: str = "none", steps: str = "dynamic", compile: bool = False) -> None:
-        self.model = model
+        self.model = self.owner = model
+        self.overlap = overlap
         self.r_dev, self.device = model.reasoner.device, model.generator.device
         self.use_steps(steps, compile, [model.reasoner, model.generator])
         if steps != "dynamic" and self.r_dev != self.device:
@@ -247,12 +281,19 @@ class FlyThinkerDecoder(StepDecoder):
         self.h_prev.copy_(h_next, non_blocking=True)  # after the join: the generator has read the old value
         return logits
 
-    def static_inputs(self, batch):
-        model, length = self.model, self.max_length
-        self.r_cache = cache_kwargs(model.reasoner.base_model, static_cache(model.reasoner.config, [self.r_prefill], length))
-        self.g_cache = cache_kwargs(model.generator, static_cache(model.generator.config, [self.g_prefill], length))
+    def static_inputs(self, state):
+        model = self.model
+        self.r_cache = cache_kwargs(model.reasoner.base_model, state.cache("reasoner", model.reasoner.config, [self.r_prefill]))
+        self.g_cache = cache_kwargs(model.generator, state.cache("generator", model.generator.config, [self.g_prefill]))
         self.r_prefill = self.g_prefill = None  # copied: free them
-        return StepInputs(self.prompt_mask, length, model.generator.dtype)
+        self.h_prev = state.buffer("h_prev", self.h_prev)
+        if self.target_norm is not None:
+            self.target_norm = state.buffer("target_norm", self.target_norm)
+        return state.step_inputs(self.prompt_mask, model.generator.dtype)
+
+    def static_key_extras(self):
+        # Streams fork and join inside a captured step; lambda (warm-up included) is a Python float.
+        return (self.overlap, self.model.fusion.lam())
 
     def _select_rows(self, index):
         self.r_prefill.batch_select_indices(index.to(self.r_dev))
@@ -309,7 +350,8 @@ class SharedDecoder(StepDecoder):
     """
 
     def __init__(self, model: FlyThinker, adapter_rows: AdapterRows, steps: str = "dynamic", compile: bool = False) -> None:
-        self.model, self.adapter_rows = model, adapter_rows
+        self.model = self.owner = model
+        self.adapter_rows = adapter_rows
         self.lm = model.generator
         self.device = self.lm.device
         self.use_steps(steps, compile, [self.lm])
@@ -342,10 +384,16 @@ class SharedDecoder(StepDecoder):
         self.h_prev.copy_(h_next)
         return logits
 
-    def static_inputs(self, batch):
-        self.use_cache(static_cache(self.lm.config, self.prefill_caches, self.max_length))
+    def static_inputs(self, state):
+        self.use_cache(state.cache("stacked", self.lm.config, self.prefill_caches))
         self.prefill_caches = ()
-        return StepInputs(self.prompt_mask, self.max_length, self.lm.dtype, rows=2 * batch)
+        self.h_prev = state.buffer("h_prev", self.h_prev)
+        if self.target_norm is not None:
+            self.target_norm = state.buffer("target_norm", self.target_norm)
+        return state.step_inputs(self.prompt_mask, self.lm.dtype, rows=2 * self.prompt_mask.shape[0])
+
+    def static_key_extras(self):
+        return (self.model.fusion.lam(),)
 
     def use_cache(self, cache: Cache) -> None:
         # The decoder's keyword for it is looked up here, outside any compiled step.

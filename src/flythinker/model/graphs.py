@@ -26,14 +26,25 @@ elementwise kernels. Static caches are what make this pay: every step has the sa
 compilation serves them all. Dynamo keeps compiled code per Python function, guarded by the input
 shapes, so a later decode call with the same batch and cache length reuses it (no recompilation;
 the tests count), whichever decoder object or model instance makes the call.
+
+Between calls, `KEPT_STATES` keeps each model's static state (caches, input buffers, the captured
+graph) for its last few shapes. A later call of the same shape refills those tensors in place
+and replays the graph an earlier call captured: capture, and the allocations a fresh graph's
+private memory pool would make, are paid once per shape rather than once per call. Static
+caches are sized to a multiple of 256 slots (`reserved_length`) so that calls whose prompts
+differ a little share a shape.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from transformers import DynamicCache, PretrainedConfig, StaticCache
@@ -86,22 +97,23 @@ def compile_step(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
     return torch.compile(step, dynamic=False)
 
 
-COMPILED_LENGTH_MULTIPLE = 256
-"""Compiled steps size static caches to a multiple of this many slots: calls whose prompt and
-token budget differ a little then share one compiled step; the extra slots stay masked."""
+STATIC_LENGTH_MULTIPLE = 256
+"""Static caches hold a multiple of this many slots: calls whose prompt and token budget differ a
+little then share one shape, hence one compiled step and one kept state; the extra slots stay
+masked (at batch 1, 256 more masked slots cost far less than a recompilation or a capture)."""
 
 
-def reserved_length(length: int, compiled: bool) -> int:
-    """Static cache slots to reserve for ``length`` tokens (rounded up when steps are compiled)."""
-    if not compiled:
+def reserved_length(length: int, static: bool) -> int:
+    """Cache slots to reserve for ``length`` tokens: rounded up for static caches."""
+    if not static:
         return length
-    return -(-length // COMPILED_LENGTH_MULTIPLE) * COMPILED_LENGTH_MULTIPLE
+    return -(-length // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE
 
 
-def static_cache(config: PretrainedConfig, parts: Sequence[DynamicCache], max_length: int) -> StaticCache:
-    """A StaticCache of ``max_length`` slots holding ``parts``' rows stacked in order, filled with
-    their prefill keys and values (slots ``[0, prompt_len)``; its cursor then points past them)."""
-    cache = StaticCache(config=config, max_cache_len=max_length)
+def fill_static_cache(cache: StaticCache, parts: Sequence[DynamicCache], max_length: int) -> StaticCache:
+    """Empty ``cache`` (of ``max_length`` slots), then write ``parts``' prefill keys and values
+    into it, rows stacked in order (slots ``[0, prompt_len)``; its cursor then points past them)."""
+    cache.reset()  # zeroes a used cache's tensors and cursors; a fresh one has none yet
     for index, layers in enumerate(zip(*(part.layers for part in parts), strict=True)):
         keys = torch.cat([layer.keys for layer in layers])
         values = torch.cat([layer.values for layer in layers])
@@ -109,6 +121,11 @@ def static_cache(config: PretrainedConfig, parts: Sequence[DynamicCache], max_le
             raise FlyThinkerError(f"static cache of {max_length} slots cannot hold a {keys.shape[-2]}-token prompt and a step")
         cache.update(keys, values, index)
     return cache
+
+
+def static_cache(config: PretrainedConfig, parts: Sequence[DynamicCache], max_length: int) -> StaticCache:
+    """A new StaticCache of ``max_length`` slots holding ``parts``' prefill (`fill_static_cache`)."""
+    return fill_static_cache(StaticCache(config=config, max_cache_len=max_length), parts, max_length)
 
 
 class SlotMask:
@@ -120,12 +137,23 @@ class SlotMask:
     """
 
     def __init__(self, prompt_mask: torch.Tensor, max_length: int, dtype: torch.dtype) -> None:
-        rows, prompt_len = prompt_mask.shape
+        rows = prompt_mask.shape[0]
         self.attend = torch.zeros(rows, max_length, dtype=torch.bool, device=prompt_mask.device)
-        self.attend[:, :prompt_len] = prompt_mask.bool()
-        self.next_slot = torch.tensor([prompt_len], device=prompt_mask.device)
+        self.next_slot = torch.zeros(1, dtype=torch.long, device=prompt_mask.device)
         self.zeros = torch.zeros(rows, 1, 1, max_length, dtype=dtype, device=prompt_mask.device)
         self.blocked = torch.finfo(dtype).min
+        self.reset(prompt_mask)
+
+    def reset(self, prompt_mask: torch.Tensor) -> None:
+        """Start over for a new prompt batch of the same rows, in place (a kept graph reads these)."""
+        prompt_len = prompt_mask.shape[1]
+        if prompt_mask.shape[0] != self.attend.shape[0] or prompt_len >= self.attend.shape[1]:
+            raise FlyThinkerError(
+                f"a slot mask of {tuple(self.attend.shape)} cannot take a prompt mask of {tuple(prompt_mask.shape)}"
+            )
+        self.attend.zero_()
+        self.attend[:, :prompt_len] = prompt_mask.bool()
+        self.next_slot.fill_(prompt_len)
 
     def advance(self) -> torch.Tensor:
         self.attend.index_fill_(1, self.next_slot, True)
@@ -145,6 +173,10 @@ class StepInputs:
         repeats = (rows or batch) // batch
         self.mask = SlotMask(prompt_mask.repeat(repeats, 1), max_length, dtype)
 
+    def reset(self, prompt_mask: torch.Tensor) -> None:
+        repeats = self.mask.attend.shape[0] // prompt_mask.shape[0]
+        self.mask.reset(prompt_mask.repeat(repeats, 1))
+
     def load(self, tokens: torch.Tensor, position: torch.Tensor) -> None:
         self.tokens.copy_(tokens)
         self.position.copy_(position)
@@ -159,7 +191,9 @@ class StaticStep:
     replay. If capture fails the step stays eager, with a warning saying why.
     """
 
-    def __init__(self, body: Callable[[], torch.Tensor], device: torch.device, capture: bool) -> None:
+    def __init__(self, body: Callable[[], torch.Tensor] | None, device: torch.device, capture: bool) -> None:
+        # ``body`` is None while the step is kept between calls (`StaticState`): it is a method
+        # of the decoder that made it, and would keep that decoder and its model alive.
         self.body, self.device, self.capture = body, device, capture
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -202,3 +236,104 @@ class StaticStep:
         self.graph, self.output = graph, output
         graph.replay()
         return output.clone()
+
+
+class StaticState:
+    """What a decoder's static steps read and write, kept from one decode call to the next.
+
+    Decoders fill it through `cache`, `buffer` and `step_inputs`: on a new state these make the
+    tensors; on a kept one they write this call's values into the tensors already there, so the
+    graph an earlier call captured (``step``) replays over this call's prompt.
+    """
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.caches: dict[str, StaticCache] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.inputs: StepInputs | None = None
+        self.step: StaticStep | None = None
+        self.uses = 0  # decode calls served, this one included
+
+    def cache(self, name: str, config: PretrainedConfig, parts: Sequence[DynamicCache]) -> StaticCache:
+        """The static cache ``name``, holding ``parts``' prefill."""
+        if name not in self.caches:
+            self.caches[name] = StaticCache(config=config, max_cache_len=self.max_length)
+        return fill_static_cache(self.caches[name], parts, self.max_length)
+
+    def buffer(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The buffer ``name``, holding a copy of ``value``."""
+        kept = self.buffers.get(name)
+        if kept is None:
+            kept = self.buffers[name] = value.clone()
+        elif kept.shape != value.shape or kept.dtype != value.dtype:
+            raise FlyThinkerError(f"kept buffer {name!r} is {tuple(kept.shape)} {kept.dtype}, "
+                                  f"this call's is {tuple(value.shape)} {value.dtype}")
+        else:
+            kept.copy_(value)
+        return kept
+
+    def step_inputs(self, prompt_mask: torch.Tensor, dtype: torch.dtype, rows: int | None = None) -> StepInputs:
+        """The step's input buffers, reset for ``prompt_mask``'s prompts."""
+        if self.inputs is None:
+            self.inputs = StepInputs(prompt_mask, self.max_length, dtype, rows)
+        else:
+            self.inputs.reset(prompt_mask)
+        return self.inputs
+
+
+class StaticStates:
+    """Static states kept per model for its most recently used shapes, at most ``per_model``.
+
+    A state is taken out while a decode call uses it (two concurrent calls never share one) and
+    put back when the call ends. Models are held weakly: a model's states go with it.
+    """
+
+    def __init__(self, per_model: int = 4) -> None:
+        self.per_model = per_model
+        self._kept: weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict[Hashable, StaticState]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def take(self, model: torch.nn.Module, key: Hashable) -> StaticState | None:
+        with self._lock:
+            state = self._kept.get(model, {}).pop(key, None)
+            if state is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return state
+
+    def put(self, model: torch.nn.Module, key: Hashable, state: StaticState) -> None:
+        with self._lock:
+            kept = self._kept.setdefault(model, OrderedDict())
+            kept[key] = state
+            kept.move_to_end(key)
+            while len(kept) > self.per_model:
+                kept.popitem(last=False)
+
+    def kept(self, model: torch.nn.Module) -> int:
+        """How many states ``model`` has kept."""
+        with self._lock:
+            return len(self._kept.get(model, ()))
+
+    def forget(self, model: torch.nn.Module | None = None) -> None:
+        """Drop ``model``'s kept states (every model's with None), freeing their memory."""
+        with self._lock:
+            if model is None:
+                self._kept.clear()
+            else:
+                self._kept.pop(model, None)
+
+
+KEPT_STATES = StaticStates()
+"""The process's kept static states: `flythinker.model.decoding` takes and returns them;
+``KEPT_STATES.forget(model)`` frees a model's."""
+
+
+def weights_fingerprint(model: torch.nn.Module) -> int:
+    """Where ``model``'s parameters and buffers live. A captured graph reads them at these
+    addresses, so a state is reused only while they stay (values may change: training in place
+    is fine; parameters replaced by new tensors are not)."""
+    return hash(tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
