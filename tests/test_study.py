@@ -222,9 +222,14 @@ def test_a_run_evaluated_on_test_also_reports_validation_loss_for_choosing_setti
     from dataclasses import replace
 
     config = small_config(tmp_path, [MethodConfig(method="sft"), MethodConfig(method="non_personalized")])
-    config = replace(config, tasks=[replace(config.tasks[0], validation=3)])
+    config = replace(config, tasks=[replace(config.tasks[0], validation=3)],
+                     training=replace(config.training, eval_every=1))
     results = run_experiment(config)["product_review"]
     validation = results["sft"]["validation_loss"]
+    # The training curve on the validation split ends where the trained row's validation loss is.
+    curve = [json.loads(line) for line in (tmp_path / "product_review" / "sft" / "eval_log.jsonl").read_text().splitlines()]
+    assert curve[0]["step"] == 0 and curve[-1]["records"] == 3
+    assert curve[-1]["loss"] == pytest.approx(validation["per_token"], rel=1e-5)
     held_out_ids = [r.id for r in _load(config.tasks[0], "validation", 0)]
     assert validation["per_sample"]["id"] == held_out_ids  # the carved records, not test's
     assert validation["per_sample"]["id"] != results["sft"]["heldout_loss"]["per_sample"]["id"]
@@ -237,6 +242,14 @@ def test_a_run_evaluated_on_test_also_reports_validation_loss_for_choosing_setti
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert float(rows["sft"]["validation_loss"]) == pytest.approx(validation["per_token"])
     assert rows["non_personalized"]["validation_loss"] == ""
+
+
+def test_an_evaluation_curve_without_a_validation_split_is_refused(tmp_path):
+    from dataclasses import replace
+
+    config = small_config(tmp_path, [MethodConfig(method="sft")])
+    with pytest.raises(FlyThinkerError, match="eval_every needs a validation split"):
+        run_experiment(replace(config, training=replace(config.training, eval_every=1)))
 
 
 def test_signal_ablation_measures_what_the_signal_changes(make_model, diagnosis_batches):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ import torch
 from flythinker.commands.cli import main
 from flythinker.config import TrainConfig
 from flythinker.data.collate import Example, collate, encode
+from flythinker.errors import FlyThinkerError
 from flythinker.model.flythinker import FlyThinker
-from flythinker.training.train import train
+from flythinker.training.train import teacher_forced_losses, train
 
 WORDS = ["apple", "river", "stone", "cloud", "light", "music", "paper", "garden", "window", "silver"]
 
@@ -202,3 +204,54 @@ def test_a_compiled_training_step_updates_as_the_eager_one_does(make_model, toke
     with torch.no_grad():
         compiled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert counters["stats"]["calls_captured"] == captured
+
+
+def eval_rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "eval_log.jsonl").read_text().splitlines()]
+
+
+def test_the_evaluation_curve_changes_nothing_trained_and_ends_at_the_trained_models_loss(make_model, tokenizer, tmp_path):
+    held_out = copy_examples(6, seed=1)
+    runs = {}
+    for name, every in (("plain", 0), ("evaluated", 2)):
+        model = make_model(fusion="linear", d_r=32)
+        config = TrainConfig(output_dir=str(tmp_path / name), max_steps=5, batch_size=4, lr=1e-2, eval_every=every)
+        runs[name] = model, train(model, tokenizer, copy_examples(8), config, save=False, show_progress=False,
+                                  eval_examples=held_out)
+    (plain, plain_result), (evaluated, evaluated_result) = runs["plain"], runs["evaluated"]
+    assert evaluated_result.losses == plain_result.losses
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), evaluated.parameters(), strict=True))
+    assert not (tmp_path / "plain" / "eval_log.jsonl").exists()
+
+    rows = eval_rows(tmp_path / "evaluated")
+    assert [r["step"] for r in rows] == [0, 2, 4, 5]  # before training, every 2 steps, and the last
+    assert all(r["records"] == 6 and r["tokens"] > 0 for r in rows)
+    pairs = teacher_forced_losses(evaluated.eval(), [encode(tokenizer, e, 1550, 1000) for e in held_out],
+                                  tokenizer.pad_token_id, 3, torch.device("cpu"))
+    assert rows[-1]["loss"] == pytest.approx(sum(t for t, _ in pairs) / sum(n for _, n in pairs), rel=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # the copy task generalises to unseen word lists
+
+
+def test_a_resumed_run_continues_the_evaluation_curve_exactly(make_model, tokenizer, tmp_path):
+    held_out = copy_examples(4, seed=1)
+
+    def run(out):
+        config = TrainConfig(output_dir=str(out), max_steps=6, batch_size=4, lr=1e-2, eval_every=2, save_every=2,
+                             keep_last=3)
+        train(make_model(), tokenizer, copy_examples(8), config, save=False, show_progress=False, eval_examples=held_out)
+
+    run(tmp_path / "whole")
+    whole = eval_rows(tmp_path / "whole")
+    # As if killed after step 5: the states of steps 4 and 6 never written, the log already past step 2.
+    for name in ("step-00000004", "step-00000006"):
+        shutil.rmtree(tmp_path / "whole" / "states" / name)
+    run(tmp_path / "whole")
+    resumed = eval_rows(tmp_path / "whole")
+    assert [r["step"] for r in resumed] == [0, 2, 4, 6]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-6)
+
+
+def test_evaluating_without_evaluation_examples_is_a_clear_error(make_model, tokenizer, tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=1, eval_every=2)
+    with pytest.raises(FlyThinkerError, match="eval_every needs evaluation examples"):
+        train(make_model(), tokenizer, copy_examples(4), config, save=False, show_progress=False)

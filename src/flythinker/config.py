@@ -293,6 +293,10 @@ class TrainConfig:
             in length; the first step pays the compilation. Single process or DDP (DeepSpeed and
             FSDP are refused). Changes how a step runs, not what it computes: a run may resume
             with it switched.
+        eval_every: Every this many optimizer steps (and before the first and after the last),
+            the teacher-forced loss per target token on the evaluation examples (the runner: the
+            task's validation split), one line each in output_dir/eval_log.jsonl: the curve that
+            shows when a run starts to overfit. 0 evaluates never. Changes nothing trained.
         save_every: Save a resumable training state (model, optimizer, scheduler, RNG states,
             step) under output_dir/states every this many optimizer steps; 0 saves none.
         keep_last: How many of those states to keep; older ones are deleted once a newer one is
@@ -325,6 +329,7 @@ class TrainConfig:
     max_target_tokens: int = 1000
     gradient_checkpointing: bool = False
     compile: bool = False
+    eval_every: int = 0
     save_every: int = 0
     keep_last: int = 2
     resume: bool = True
@@ -355,6 +360,7 @@ class TrainConfig:
             f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}",
         )
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        require(self.eval_every >= 0, f"eval_every must be >= 0 (0 evaluates never), got {self.eval_every}")
         require(self.save_every >= 0, f"save_every must be >= 0 (0 saves no states), got {self.save_every}")
         require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         require(self.report_to in TRACKERS, f"report_to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")

@@ -190,7 +190,7 @@ def run_method(
     context = RunContext(task=task.task, budgets=config.budgets, dtype=config.dtype, work_dir=work, seed=config.seed,
                          processes=processes)
     method = make_method(method_config, context)
-    train_stats = _train_or_reuse(method, config, train_records, work, processes)
+    train_stats = _train_or_reuse(method, config, train_records, work, processes, validation_records)
 
     path = work / PREDICTIONS
     with processes.main_first():  # the main process repairs a torn last line before anyone reads
@@ -303,7 +303,7 @@ def _settings(config: RunConfig, task: TaskConfig, method: MethodConfig) -> dict
 
 # Training settings that change how a run is watched or checkpointed, not what it produces (a
 # resumed training run follows the same updates), so a long study can start saving states midway.
-_NOT_DECIDING = ("report_to", "log_every", "save_every", "keep_last", "resume")
+_NOT_DECIDING = ("report_to", "log_every", "save_every", "keep_last", "resume", "eval_every")
 
 
 def _check_settings(work: Path, settings: dict[str, Any]) -> None:
@@ -350,7 +350,8 @@ def _claim(work: Path, settings: dict[str, Any]) -> None:
 
 
 def _train_or_reuse(
-    method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path, processes: Processes = Processes()  # noqa: B008
+    method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path, processes: Processes = Processes(),  # noqa: B008
+    validation_records: Sequence[LongLaMPRecord] = (),
 ) -> dict | None:
     checkpoint, stats_path = work / "checkpoint", work / TRAIN_STATS
     if not method.trainable:
@@ -364,7 +365,10 @@ def _train_or_reuse(
         raise FlyThinkerError(f"method {method.config.name!r} needs training records, and the train split is empty")
     method.build()
     training = replace(config.training, output_dir=str(work), seed=config.seed)
-    result = method.train(records, training, run_config={"run": config, "method": method.config})
+    if training.eval_every and not validation_records:
+        raise FlyThinkerError(f"training.eval_every needs a validation split: set validation: N on task {work.parent.name!r}")
+    result = method.train(records, training, run_config={"run": config, "method": method.config},
+                          eval_records=validation_records)
     stats = {"train_s": result.seconds, "samples": result.samples, "steps": result.steps,
              "first_loss": result.losses[0], "last_loss": result.losses[-1]}
     with processes.main_first():  # written last: its presence marks the row trained

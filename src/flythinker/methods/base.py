@@ -25,15 +25,15 @@ from flythinker.config import (
     TrainConfig,
     require,
 )
-from flythinker.data.collate import Example, collate, encode, encode_prompts
+from flythinker.data.collate import Example, encode, encode_prompts
 from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.data.prompts import PromptBudgets, PromptStyle, records_to_examples
 from flythinker.data.retrieval import RETRIEVERS, make_retriever
 from flythinker.errors import FlyThinkerError
 from flythinker.methods.costs import BenchContext, BenchEntry, BenchTrainer, Floors
-from flythinker.model.decoding import GenerationOutput, position_ids_from_mask
+from flythinker.model.decoding import GenerationOutput
 from flythinker.training.engines import Processes
-from flythinker.training.train import TrainResult, token_cross_entropy_sum, train
+from flythinker.training.train import TrainResult, teacher_forced_losses, train
 
 
 @dataclass
@@ -174,12 +174,16 @@ class Method(ABC):
         return text, 0
 
     # --- training ------------------------------------------------------------------------
-    def train(self, records: Sequence[LongLaMPRecord], config: TrainConfig, run_config: Any) -> TrainResult:
+    def train(self, records: Sequence[LongLaMPRecord], config: TrainConfig, run_config: Any,
+              eval_records: Sequence[LongLaMPRecord] = ()) -> TrainResult:
+        """Fine-tune on ``records``; with ``config.eval_every``, log the loss on ``eval_records``
+        (encoded as training encodes them) as training goes."""
         if not self.trainable:
             raise FlyThinkerError(f"method {self.config.name!r} is zero-shot and does not train")
         assert self.tokenizer is not None, "build() first"
         return train(self.model(), self.tokenizer, self.examples(records, for_training=True), config,
-                     run_config=run_config, show_progress=True)
+                     run_config=run_config, show_progress=True,
+                     eval_examples=self.examples(eval_records, for_training=True) if config.eval_every else ())
 
     # --- held-out loss -------------------------------------------------------------------
     # Teacher-forced loss of the reference target given this method's prompt: the cheap,
@@ -198,21 +202,11 @@ class Method(ABC):
         examples = self.examples(records, for_training=True)
         encoded = [encode(self.tokenizer, e, config.max_prompt_tokens, config.max_target_tokens) for e in examples]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        device = next(model.parameters()).device
-        losses: dict[str, tuple[float, int]] = {}
         try:
-            for start in range(0, len(encoded), batch_size):
-                chunk = encoded[start : start + batch_size]
-                batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               position_ids=position_ids_from_mask(batch["attention_mask"])).logits
-                for row, example in enumerate(examples[start : start + batch_size]):
-                    labels = batch["labels"][row : row + 1]
-                    total = token_cross_entropy_sum(logits[row : row + 1], labels)
-                    losses[example.id] = (float(total), int((labels[:, 1:] != -100).sum()))
+            pairs = teacher_forced_losses(model, encoded, pad, batch_size, next(model.parameters()).device)
         finally:
             model.train(was_training)
-        return losses
+        return {example.id: pair for example, pair in zip(examples, pairs, strict=True)}
 
     # --- prediction ----------------------------------------------------------------------
     def predict(

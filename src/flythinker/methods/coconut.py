@@ -451,8 +451,14 @@ class Coconut(LMMethod):
         return generate_latent(self.lm, self.tokenizer, input_ids, attention_mask, generation,
                                latents=self.config.latent_thoughts, on_token=on_token)
 
-    def train(self, records: Sequence[LongLaMPRecord], config: TrainConfig, run_config=None) -> TrainResult:
+    def train(self, records: Sequence[LongLaMPRecord], config: TrainConfig, run_config=None,
+              eval_records: Sequence[LongLaMPRecord] = ()) -> TrainResult:
+        """The curriculum, one training run per stage. No evaluation curve: each stage trains on
+        different targets (``eval_every`` is ignored here, with a warning)."""
         assert self.tokenizer is not None, "build() first"
+        if config.eval_every:
+            log.warning("Coconut logs no evaluation curve (its stages train on different targets); eval_every ignored")
+            config = replace(config, eval_every=0)
         examples = self.examples(records, for_training=True)
         rationales = method_rationales(self, records)  # before any stage changes the weights
         markers = ThoughtMarkers.of(self.tokenizer)

@@ -49,6 +49,7 @@ from flythinker.training.engines import (
 from flythinker.training.steps import StepPlan
 
 LOG_NAME = "train_log.jsonl"
+EVAL_LOG_NAME = "eval_log.jsonl"
 RUN_CONFIG_NAME = "run_config.yaml"
 # Settings that may change between a run and its resumption: they do not alter the updates.
 _RESUMABLE_CHANGES = {
@@ -61,6 +62,7 @@ _RESUMABLE_CHANGES = {
     "batch_size",
     "grad_accum",
     "compile",
+    "eval_every",
 }
 
 
@@ -84,24 +86,30 @@ def train(
     run_config: Any = None,
     save: bool = True,
     show_progress: bool = True,
+    eval_examples: Sequence[Example] | Sequence[Encoded] = (),
 ) -> TrainResult:
     """Fine-tune ``model`` on ``examples`` (text pairs, or already tokenised `Encoded` items).
 
     Returns the per-step losses and timing; with ``save`` the model, tokenizer and ``run_config``
-    (default: ``config``) are written to ``<output_dir>/checkpoint``. Under `accelerate launch`
-    every process calls this with the same arguments; ``batch_size`` is per process.
+    (default: ``config``) are written to ``<output_dir>/checkpoint``. With ``config.eval_every``,
+    the loss on ``eval_examples`` is logged as training goes (``eval_log.jsonl``). Under
+    `accelerate launch` every process calls this with the same arguments; ``batch_size`` is per
+    process.
     """
     if not examples:
         raise FlyThinkerError("no training examples")
+    if config.eval_every and not eval_examples:
+        raise FlyThinkerError("training.eval_every needs evaluation examples (in the runner: a task with a validation split)")
     out_dir = Path(config.output_dir)
     prepare_output_dir(out_dir)
-    encoded = [
-        item
-        if isinstance(item, Encoded)
-        else encode(tokenizer, item, config.max_prompt_tokens, config.max_target_tokens)
-        for item in examples
-    ]
+
+    def encoded_items(items):
+        return [item if isinstance(item, Encoded) else encode(tokenizer, item, config.max_prompt_tokens, config.max_target_tokens)
+                for item in items]
+
+    encoded = encoded_items(examples)
     _check_context(model, examples, encoded)
+    eval_encoded = encoded_items(eval_examples) if config.eval_every else []
     accelerator = make_accelerator(config)
     plan = StepPlan(
         len(encoded),
@@ -139,7 +147,7 @@ def train(
         disable=not (show_progress and accelerator.is_main_process),
     )
     loop = _Loop(accelerator, model, optimizer, scheduler, plan, encoded, pad, config, log_path,
-                 _loss_function(accelerator, config))
+                 _loss_function(accelerator, config), eval_encoded)
     if config.report_to != "none":
         accelerator.init_trackers(out_dir.name or "flythinker", config=_hyperparameters(config, accelerator))
     try:
@@ -228,6 +236,29 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
     )
 
 
+@torch.no_grad()
+def teacher_forced_losses(
+    model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int, device: torch.device
+) -> list[tuple[float, int]]:
+    """Per item, the summed next-token cross-entropy over its labelled tokens and their count
+    (the model as it is: callers choose eval mode)."""
+    losses = []
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=position_ids_from_mask(batch["attention_mask"])).logits
+        for row in range(logits.shape[0]):
+            labels = batch["labels"][row : row + 1]
+            losses.append((float(token_cross_entropy_sum(logits[row : row + 1], labels)), int((labels[:, 1:] != -100).sum())))
+    return losses
+
+
+def _logged_steps(log: Path) -> set[int]:
+    if not log.is_file():
+        return set()
+    return {json.loads(line)["step"] for line in log.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
 def _labelled_tokens(items) -> int:
     return sum(sum(1 for label in item.labels[1:] if label != -100) for item in items)
 
@@ -257,6 +288,7 @@ class _Loop:
     config: TrainConfig
     log_path: Path
     loss_sum: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # `forward_loss_sum`, maybe compiled
+    eval_encoded: Sequence[Encoded] = ()  # examples `evaluate` scores every `config.eval_every` steps
 
     def run(self, state: checkpoints.TrainerState, progress: tqdm) -> None:
         """Steps ``state.step`` to the end: train, log, and save a resumable state every so often."""
@@ -266,6 +298,12 @@ class _Loop:
         # told each step's index, so a resumed run follows the schedule exactly.
         schedule = getattr(model, "set_training_step", None)
         log_values = getattr(model, "training_log_values", None)
+        eval_log = self.log_path.parent / EVAL_LOG_NAME
+        if config.eval_every:
+            if self.accelerator.is_main_process:  # a resumed run drops evaluations past its state
+                checkpoints.rewrite_log(eval_log, state.step)
+            if state.step % config.eval_every == 0 and state.step not in _logged_steps(eval_log):
+                self.evaluate(state, eval_log, progress)
         for step in range(state.step, plan.total_steps):
             if schedule is not None:
                 schedule(step, plan.total_steps)
@@ -299,11 +337,34 @@ class _Loop:
                         **(log_values() if log_values is not None else {}),
                     },
                 )
+            if config.eval_every and (state.step % config.eval_every == 0 or state.step == plan.total_steps):
+                self.evaluate(state, eval_log, progress)
             if config.save_every and state.step % config.save_every == 0:
                 root = self.log_path.parent / checkpoints.STATES_DIR
                 checkpoints.save_state(self.accelerator, root, state, config.keep_last)
         if schedule is not None:  # trained: evaluation and decoding use the full schedule
             schedule(plan.total_steps, plan.total_steps)
+
+    def evaluate(self, state: checkpoints.TrainerState, eval_log: Path, progress: tqdm) -> None:
+        """Log the loss per target token on the evaluation examples at this step.
+
+        Every process runs the same forwards (a sharded model needs all of them); no gradient,
+        dropout off, no random numbers drawn, so training continues exactly as without it.
+        """
+        self.model.eval()
+        try:
+            pairs = teacher_forced_losses(self.model, self.eval_encoded, self.pad_token_id, self.config.batch_size,
+                                          self.accelerator.device)
+        finally:
+            self.model.train()
+        tokens = sum(n for _, n in pairs)
+        loss = sum(total for total, _ in pairs) / max(tokens, 1)
+        progress.set_postfix(eval_loss=f"{loss:.4f}")
+        if self.config.report_to != "none":
+            self.accelerator.log({"eval/loss": loss}, step=state.step)
+        if self.accelerator.is_main_process:
+            append_jsonl(eval_log, {"step": state.step, "epoch": round(self.plan.epoch_of(state.step), 4),
+                                    "loss": loss, "tokens": tokens, "records": len(pairs)})
 
     def step(self, step: int) -> tuple[float, float | None, int]:
         """Forward and backward over this process's micro-batches of ``step``, then one update.
@@ -505,6 +566,7 @@ def train_command(
     data: str,
     model: FlyThinkerConfig = FlyThinkerConfig(),  # noqa: B008 - jsonargparse reads the default
     training: TrainConfig = TrainConfig(),  # noqa: B008
+    eval_data: str | None = None,
 ) -> None:
     """Train a FlyThinker model (reasoner + generator, jointly) on prompt/target pairs.
 
@@ -518,15 +580,21 @@ def train_command(
             used verbatim, so apply any chat template beforehand.
         model: Which reasoner and generator, and how they are fused.
         training: Optimisation, batching and output settings.
+        eval_data: A JSONL file like ``data`` whose loss is logged every ``training.eval_every``
+            steps (``eval_log.jsonl``); needed when eval_every is set.
     """
     from flythinker.model.flythinker import FlyThinker
 
     examples = read_prompt_target_jsonl(data)
+    eval_examples = read_prompt_target_jsonl(eval_data) if eval_data else []
+    if training.eval_every and not eval_examples:
+        raise FlyThinkerError("training.eval_every needs --eval_data (prompt/target pairs to evaluate on)")
     prepare_output_dir(Path(training.output_dir))  # before minutes of model loading
     flythinker = FlyThinker.from_config(model)
     assert flythinker.tokenizer is not None
-    run_config = {"data": data, "model": model, "training": training}
-    result = train(flythinker, flythinker.tokenizer, examples, training, run_config=run_config)
+    run_config = {"data": data, "eval_data": eval_data, "model": model, "training": training}
+    result = train(flythinker, flythinker.tokenizer, examples, training, run_config=run_config,
+                   eval_examples=eval_examples)
     if result.extra.get("main_process", True):
         if result.extra.get("resumed_from") is not None:
             print(f"resumed from the state at step {result.extra['resumed_from']}")
