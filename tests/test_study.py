@@ -230,6 +230,8 @@ def test_a_run_evaluated_on_test_also_reports_validation_loss_for_choosing_setti
     curve = [json.loads(line) for line in (tmp_path / "product_review" / "sft" / "eval_log.jsonl").read_text().splitlines()]
     assert curve[0]["step"] == 0 and curve[-1]["records"] == 3
     assert curve[-1]["loss"] == pytest.approx(validation["per_token"], rel=1e-5)
+    assert results["sft"]["validation_curve"] == [[row["step"], row["loss"]] for row in curve]
+    assert (tmp_path / "plots" / "validation_curves.png").stat().st_size > 0
     held_out_ids = [r.id for r in _load(config.tasks[0], "validation", 0)]
     assert validation["per_sample"]["id"] == held_out_ids  # the carved records, not test's
     assert validation["per_sample"]["id"] != results["sft"]["heldout_loss"]["per_sample"]["id"]

@@ -1,6 +1,7 @@
 """Collect finished rows of one task of a `flythinker run` study into one JSON file: each row's
-metrics, held-out and validation loss and third-epoch training loss, and every row minus SFT on
-the same records (paired-bootstrap 95% intervals, `flythinker.evaluation.report.paired_rows`).
+metrics, held-out and validation loss, third-epoch training loss and validation curve (rows
+trained with ``eval_every``), and every row minus SFT on the same records (paired-bootstrap 95%
+intervals, `flythinker.evaluation.report.paired_rows`).
 
 The runner writes its own report only when a whole invocation ends; this reads the row
 directories as they finish, so a study that spans sessions can publish each stage.
@@ -18,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from flythinker.commands.run import validation_curve
 from flythinker.evaluation.report import paired_rows
 
 TEXT_METRICS = ("rouge1", "rougeL", "meteor", "bleu")
@@ -50,6 +52,7 @@ def main() -> int:
             "heldout_loss": metrics.get("heldout_loss", {}).get("per_token"),
             "validation_loss": metrics.get("validation_loss", {}).get("per_token"),
             "train_loss_third_epoch_mean": third_epoch_loss(work / "train_log.jsonl"),
+            "validation_curve": validation_curve(work / "eval_log.jsonl") or None,
             "n": metrics["n_samples"],
         }
     paired = paired_rows({args.task: methods})

@@ -12,6 +12,8 @@ Layout of a run directory::
     <task>/<label>/metrics.json      that method's metrics
     <task>/<label>/heldout_loss.json teacher-forced loss per evaluated record (validation_loss.json:
                                      the same on the validation split, when the task carves one)
+    <task>/<label>/train_log.jsonl   one line per optimizer step (eval_log.jsonl: the validation
+                                     loss every training.eval_every steps)
     metrics.json, results.csv, results.md, plots/*.png
 
 A rerun of the same command picks up where an interrupted one stopped: finished checkpoints are
@@ -36,6 +38,7 @@ from flythinker.io import to_plain, write_json, write_yaml
 from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, RunContext, make_method
 from flythinker.training.checkpoints import STATES_DIR, clear_states
 from flythinker.training.engines import Processes, current_processes
+from flythinker.training.train import EVAL_LOG_NAME
 
 PREDICTIONS = "predictions.jsonl"
 PARTS_PREFIX = "predictions.part-"  # predictions.part-<process>.jsonl, while several processes decode
@@ -221,6 +224,9 @@ def run_method(
         metrics["heldout_loss"] = heldout_loss(method, config, eval_records, work)
         if validation_records:
             metrics["validation_loss"] = heldout_loss(method, config, validation_records, work, VALIDATION_LOSS)
+        curve = validation_curve(work / EVAL_LOG_NAME)
+        if curve:
+            metrics["validation_curve"] = curve
     metrics["efficiency"] = efficiency(rows, train_stats)
     metrics["method"] = to_plain(method_config)
     write_json(work / "metrics.json", metrics)
@@ -269,6 +275,15 @@ def gather_predictions(
         for part in parts:
             part.unlink()
     return done
+
+
+def validation_curve(eval_log: Path) -> list[list[float]]:
+    """``[[optimizer step, validation loss per target token], ...]`` from a row trained with
+    ``training.eval_every`` (empty without one)."""
+    if not eval_log.is_file():
+        return []
+    rows = [json.loads(line) for line in eval_log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [[row["step"], row["loss"]] for row in rows]
 
 
 def heldout_loss(

@@ -102,6 +102,8 @@ def write_report(results: dict[str, dict[str, Any]], out: Path) -> None:
     sweep = lambda_sweep(results)
     if sweep:
         plot_lambda_sweep(sweep, results, plots / "lambda_sweep.png")
+    if any(m.get("validation_curve") for methods in results.values() for m in methods.values()):
+        plot_validation_curves(results, plots / "validation_curves.png")
 
 
 def format_results(results: dict[str, dict[str, Any]], paired: list[dict[str, Any]] | None = None) -> str:
@@ -202,6 +204,20 @@ def plot_efficiency(rows: list[dict[str, Any]], path: Path) -> None:
         plt.setp(ax.get_xticklabels(), rotation=35, ha="right", fontsize="small")
     fig.suptitle("one timing per method, at different moments: indicative only (see `flythinker bench`)",
                  fontsize="small", color="gray")
+    _save(fig, path)
+
+
+def plot_validation_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Validation loss against optimizer steps, per task, for rows trained with eval_every:
+    where a row's curve turns up, it has started to fit its training records more than the task."""
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
+    for ax, (task, methods) in zip(axes[0], results.items()):
+        for label, m in methods.items():
+            if m.get("validation_curve"):
+                steps, losses = zip(*m["validation_curve"], strict=True)
+                ax.plot(steps, losses, marker="o", markersize=3, label=label)
+        ax.set(title=task, xlabel="optimizer step", ylabel="validation loss per target token")
+        ax.legend(fontsize="small")
     _save(fig, path)
 
 
