@@ -246,6 +246,31 @@ def test_a_run_evaluated_on_test_also_reports_validation_loss_for_choosing_setti
     assert rows["non_personalized"]["validation_loss"] == ""
 
 
+def test_keep_best_reports_the_held_out_loss_of_the_weights_chosen_on_validation(tmp_path):
+    from dataclasses import replace
+
+    config = small_config(tmp_path, [MethodConfig(method="sft"), MethodConfig(method="flythinker")])
+    config = replace(config, tasks=[replace(config.tasks[0], validation=3)],
+                     training=replace(config.training, eval_every=1, keep_best=True))
+    results = run_experiment(config)["product_review"]
+    for label in ("sft", "flythinker"):
+        m = results[label]
+        at_best = m["heldout_loss_at_best"]
+        best_step, best_loss = min(m["validation_curve"], key=lambda point: point[1])
+        assert at_best["step"] == best_step and at_best["validation_loss"] == pytest.approx(best_loss)
+        assert at_best["per_sample"]["id"] == m["heldout_loss"]["per_sample"]["id"]
+        if best_step == m["validation_curve"][-1][0]:  # the kept weights are the final ones
+            assert at_best["per_token"] == pytest.approx(m["heldout_loss"]["per_token"], rel=1e-5)
+        else:
+            assert at_best["per_token"] != pytest.approx(m["heldout_loss"]["per_token"], rel=1e-5)
+    with (tmp_path / "paired.csv").open() as f:
+        paired = {(r["method"], r["metric"]): r for r in csv.DictReader(f)}
+    row = paired[("flythinker", "heldout_loss_at_best")]
+    assert float(row["difference"]) == pytest.approx(
+        results["flythinker"]["heldout_loss_at_best"]["per_token"] - results["sft"]["heldout_loss_at_best"]["per_token"])
+    assert "held-out loss, best step" in (tmp_path / "results.md").read_text()
+
+
 def test_an_evaluation_curve_without_a_validation_split_is_refused(tmp_path):
     from dataclasses import replace
 

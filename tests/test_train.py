@@ -14,6 +14,7 @@ from flythinker.config import TrainConfig
 from flythinker.data.collate import Example, collate, encode
 from flythinker.errors import FlyThinkerError
 from flythinker.model.flythinker import FlyThinker
+from flythinker.training.checkpoints import load_best
 from flythinker.training.train import teacher_forced_losses, train
 
 WORDS = ["apple", "river", "stone", "cloud", "light", "music", "paper", "garden", "window", "silver"]
@@ -255,3 +256,25 @@ def test_evaluating_without_evaluation_examples_is_a_clear_error(make_model, tok
     config = TrainConfig(output_dir=str(tmp_path), max_steps=1, eval_every=2)
     with pytest.raises(FlyThinkerError, match="eval_every needs evaluation examples"):
         train(make_model(), tokenizer, copy_examples(4), config, save=False, show_progress=False)
+
+
+def test_keep_best_keeps_the_weights_of_the_lowest_evaluation(make_model, tokenizer, tmp_path):
+    held_out = copy_examples(6, seed=1)
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=6, batch_size=4, lr=1e-2, eval_every=1, keep_best=True)
+    trained = make_model(fusion="linear", d_r=32)
+    train(trained, tokenizer, copy_examples(8), config, save=False, show_progress=False, eval_examples=held_out)
+    rows = eval_rows(tmp_path)
+    best = min(rows, key=lambda r: r["loss"])
+
+    kept = make_model(fusion="linear", d_r=32)
+    assert load_best(kept, tmp_path / "best") == {"step": best["step"], "loss": best["loss"]}
+    pairs = teacher_forced_losses(kept.eval(), [encode(tokenizer, e, 1550, 1000) for e in held_out],
+                                  tokenizer.pad_token_id, 4, torch.device("cpu"))
+    assert sum(t for t, _ in pairs) / sum(n for _, n in pairs) == pytest.approx(best["loss"], rel=1e-5)
+    fresh = make_model(fusion="linear", d_r=32)
+    assert best["step"] > 0 and not all(torch.equal(a, b) for a, b in zip(kept.parameters(), fresh.parameters(), strict=True))
+
+
+def test_keep_best_without_evaluations_is_refused():
+    with pytest.raises(FlyThinkerError, match="keep_best needs eval_every"):
+        TrainConfig(keep_best=True)

@@ -297,6 +297,10 @@ class TrainConfig:
             the teacher-forced loss per target token on the evaluation examples (the runner: the
             task's validation split), one line each in output_dir/eval_log.jsonl: the curve that
             shows when a run starts to overfit. 0 evaluates never. Changes nothing trained.
+        keep_best: With eval_every, also keep the weights of the evaluation with the lowest loss
+            (output_dir/best/: model.safetensors and best.json with its step and loss), so that
+            early stopping can be judged on held-out data afterwards (the runner reports the
+            held-out loss of those weights). The exported checkpoint stays the last step's.
         save_every: Save a resumable training state (model, optimizer, scheduler, RNG states,
             step) under output_dir/states every this many optimizer steps; 0 saves none.
         keep_last: How many of those states to keep; older ones are deleted once a newer one is
@@ -330,6 +334,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     eval_every: int = 0
+    keep_best: bool = False
     save_every: int = 0
     keep_last: int = 2
     resume: bool = True
@@ -361,6 +366,7 @@ class TrainConfig:
         )
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         require(self.eval_every >= 0, f"eval_every must be >= 0 (0 evaluates never), got {self.eval_every}")
+        require(not self.keep_best or self.eval_every > 0, "keep_best needs eval_every > 0 (evaluations to choose from)")
         require(self.save_every >= 0, f"save_every must be >= 0 (0 saves no states), got {self.save_every}")
         require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         require(self.report_to in TRACKERS, f"report_to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")

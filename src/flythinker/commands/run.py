@@ -13,7 +13,9 @@ Layout of a run directory::
     <task>/<label>/heldout_loss.json teacher-forced loss per evaluated record (validation_loss.json:
                                      the same on the validation split, when the task carves one)
     <task>/<label>/train_log.jsonl   one line per optimizer step (eval_log.jsonl: the validation
-                                     loss every training.eval_every steps)
+                                     loss every training.eval_every steps; best/: the weights
+                                     of the lowest one, with training.keep_best, and
+                                     heldout_loss_at_best.json their loss on the evaluated records)
     metrics.json, results.csv, results.md, plots/*.png
 
 A rerun of the same command picks up where an interrupted one stopped: finished checkpoints are
@@ -36,7 +38,7 @@ from flythinker.errors import FlyThinkerError
 from flythinker.evaluation.metrics import evaluate_texts
 from flythinker.io import to_plain, write_json, write_yaml
 from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, RunContext, make_method
-from flythinker.training.checkpoints import STATES_DIR, clear_states
+from flythinker.training.checkpoints import BEST_DIR, STATES_DIR, clear_states, load_best, read_best
 from flythinker.training.engines import Processes, current_processes
 from flythinker.training.train import EVAL_LOG_NAME
 
@@ -46,6 +48,7 @@ TRAIN_STATS = "train_stats.json"
 SETTINGS = "settings.json"
 HELDOUT_LOSS = "heldout_loss.json"
 VALIDATION_LOSS = "validation_loss.json"
+HELDOUT_LOSS_AT_BEST = "heldout_loss_at_best.json"
 
 
 @dataclass
@@ -227,6 +230,8 @@ def run_method(
         curve = validation_curve(work / EVAL_LOG_NAME)
         if curve:
             metrics["validation_curve"] = curve
+        if read_best(work / BEST_DIR) is not None:  # last: it loads the kept weights into the model
+            metrics["heldout_loss_at_best"] = heldout_loss_at_best(method, config, eval_records, work)
     metrics["efficiency"] = efficiency(rows, train_stats)
     metrics["method"] = to_plain(method_config)
     write_json(work / "metrics.json", metrics)
@@ -286,6 +291,18 @@ def validation_curve(eval_log: Path) -> list[list[float]]:
     return [[row["step"], row["loss"]] for row in rows]
 
 
+def heldout_loss_at_best(method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path) -> dict[str, Any]:
+    """`heldout_loss` of the weights kept at the row's lowest validation loss
+    (``training.keep_best``): early stopping chosen on validation, judged on the evaluated records.
+    Loads those weights into the method's model (unless every record's loss is already saved)."""
+    best = read_best(work / BEST_DIR)
+    saved = work / HELDOUT_LOSS_AT_BEST
+    if not (saved.is_file() and {r.id for r in records} <= json.loads(saved.read_text()).keys()):
+        load_best(method.model(), work / BEST_DIR)
+    return {**heldout_loss(method, config, records, work, HELDOUT_LOSS_AT_BEST),
+            "step": best["step"], "validation_loss": best["loss"]}
+
+
 def heldout_loss(
     method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path, file: str = HELDOUT_LOSS
 ) -> dict[str, Any]:
@@ -318,7 +335,7 @@ def _settings(config: RunConfig, task: TaskConfig, method: MethodConfig) -> dict
 
 # Training settings that change how a run is watched or checkpointed, not what it produces (a
 # resumed training run follows the same updates), so a long study can start saving states midway.
-_NOT_DECIDING = ("report_to", "log_every", "save_every", "keep_last", "resume", "eval_every")
+_NOT_DECIDING = ("report_to", "log_every", "save_every", "keep_last", "resume", "eval_every", "keep_best")
 
 
 def _check_settings(work: Path, settings: dict[str, Any]) -> None:

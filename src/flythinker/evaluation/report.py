@@ -25,6 +25,11 @@ LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "meteor": "METEOR", "bleu": 
 # The method every other row is compared with (SFT, as in the paper): the registry says which.
 BASELINE = next(name for name, method in METHODS.items() if method.baseline)
 PAIRED = ("rouge1", "rougeL", "meteor")  # per-record metrics; BLEU is corpus-level
+# Held-out losses paired per record: of the final weights, and of those kept at the lowest
+# validation loss (`TrainConfig.keep_best`: early stopping).
+LOSSES = ("heldout_loss", "heldout_loss_at_best")
+LOSS_NAMES = {"heldout_loss": "held-out loss", "heldout_loss_at_best": "held-out loss, best step",
+              "validation_loss": "validation loss"}
 
 
 def baseline_label(methods: dict[str, Any]) -> str | None:
@@ -49,11 +54,12 @@ def paired_rows(results: dict[str, dict[str, Any]], resamples: int = 2000, seed:
                 for key in PAIRED:
                     d = paired_bootstrap(m["per_sample"][key], base["per_sample"][key], resamples=resamples, seed=seed)
                     rows.append(_paired_row(task, label, base_label, key, d, m["metrics"][key], base["metrics"][key]))
-            lm, lb = m.get("heldout_loss"), base.get("heldout_loss")
-            if lm and lb and lm["per_sample"]["id"] == lb["per_sample"]["id"]:
-                d = paired_bootstrap(lm["per_sample"]["loss_sum"], lb["per_sample"]["loss_sum"],
-                                     lm["per_sample"]["tokens"], lb["per_sample"]["tokens"], resamples=resamples, seed=seed)
-                rows.append(_paired_row(task, label, base_label, "heldout_loss", d, lm["per_token"], lb["per_token"]))
+            for key in LOSSES:
+                lm, lb = m.get(key), base.get(key)
+                if lm and lb and lm["per_sample"]["id"] == lb["per_sample"]["id"]:
+                    d = paired_bootstrap(lm["per_sample"]["loss_sum"], lb["per_sample"]["loss_sum"],
+                                         lm["per_sample"]["tokens"], lb["per_sample"]["tokens"], resamples=resamples, seed=seed)
+                    rows.append(_paired_row(task, label, base_label, key, d, lm["per_token"], lb["per_token"]))
     return rows
 
 
@@ -72,7 +78,7 @@ def result_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for label, m in methods.items():
             row: dict[str, Any] = {"method": label, "task": task}
             row.update({k: m["metrics"][k] for k in QUALITY})
-            row.update(heldout_loss=_loss(m, "heldout_loss"), validation_loss=_loss(m, "validation_loss"))
+            row.update({key: _loss(m, key) for key in ("heldout_loss", "validation_loss", "heldout_loss_at_best")})
             row.update(n=m["n_samples"], n_empty=m["n_empty_predictions"])
             for key in EFFICIENCY:
                 value, base = m["efficiency"].get(key), baseline.get(key)
@@ -112,12 +118,11 @@ def format_results(results: dict[str, dict[str, Any]], paired: list[dict[str, An
     given); then an efficiency table."""
     tasks = list(results)
     labels = list(dict.fromkeys(label for methods in results.values() for label in methods))
-    # Only runs that carve a validation split get its column (where settings are chosen).
-    losses = ["heldout_loss"] + (["validation_loss"] if any(
-        _loss(m, "validation_loss") is not None for methods in results.values() for m in methods.values()) else [])
-    loss_names = {"heldout_loss": "held-out loss", "validation_loss": "validation loss"}
+    # Only runs that carve a validation split (or keep best weights) get those columns.
+    losses = ["heldout_loss"] + [key for key in ("validation_loss", "heldout_loss_at_best") if any(
+        _loss(m, key) is not None for methods in results.values() for m in methods.values())]
     head = ["method"] + [f"{t} {name}" for t in tasks
-                         for name in [*(LABELS[k] for k in QUALITY), *(loss_names[k] for k in losses)]]
+                         for name in [*(LABELS[k] for k in QUALITY), *(LOSS_NAMES[k] for k in losses)]]
     lines = [_md_row(head), _md_row(["---"] * len(head))]
     for label in labels:
         cells = [label]
@@ -133,8 +138,8 @@ def format_results(results: dict[str, dict[str, Any]], paired: list[dict[str, An
                   _md_row(["task", "method", "metric", "method", "SFT", "difference", "95% interval"]),
                   _md_row(["---"] * 7)]
         for p in paired:
-            kind = "loss" if p["metric"] == "heldout_loss" else p["metric"]
-            lines.append(_md_row([p["task"], p["method"], LABELS.get(p["metric"], "held-out loss"),
+            kind = "loss" if p["metric"] in LOSSES else p["metric"]
+            lines.append(_md_row([p["task"], p["method"], LABELS.get(p["metric"]) or LOSS_NAMES[p["metric"]],
                                   _fmt(p["value"], kind), _fmt(p["baseline_value"], kind), f"{p['difference']:+.4f}",
                                   f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"]))
     rows = result_rows(results)

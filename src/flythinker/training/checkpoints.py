@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from safetensors.torch import load_model, save_model
 
 from flythinker.errors import FlyThinkerError
-from flythinker.io import replace_file
+from flythinker.io import atomic_directory, replace_file
 
 STATES_DIR = "states"
 STATE_NAME = "trainer_state.json"
@@ -162,3 +164,40 @@ def _log_step(line: str) -> int:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return 1 << 62  # a torn last line (killed mid-write) goes with the steps after the state
+
+
+# --------------------------------------------------------------------------- best weights
+
+BEST_DIR = "best"
+BEST_NAME = "best.json"
+BEST_WEIGHTS = "model.safetensors"
+
+
+def read_best(root: Path) -> dict[str, Any] | None:
+    """``{"step", "loss"}`` of the weights kept in ``root`` (`TrainConfig.keep_best`), if any."""
+    try:
+        return json.loads((root / BEST_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise FlyThinkerError(f"kept best weights {root}: unreadable {BEST_NAME} ({exc})") from None
+
+
+def save_best(model: torch.nn.Module, root: Path, step: int, loss: float) -> None:
+    """Replace the weights in ``root`` by ``model``'s, atomically (a kill keeps the previous best).
+    Tied tensors are stored once (safetensors' ``save_model``)."""
+    with atomic_directory(root) as tmp:
+        save_model(model, str(tmp / BEST_WEIGHTS))
+        (tmp / BEST_NAME).write_text(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def load_best(model: torch.nn.Module, root: Path) -> dict[str, Any]:
+    """Load the weights kept in ``root`` into ``model``; return their ``{"step", "loss"}``."""
+    best = read_best(root)
+    if best is None:
+        raise FlyThinkerError(f"{root} holds no kept best weights ({BEST_NAME} is missing)")
+    try:
+        load_model(model, str(root / BEST_WEIGHTS))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise FlyThinkerError(f"cannot load the kept best weights {root / BEST_WEIGHTS}: {exc}") from None
+    return best

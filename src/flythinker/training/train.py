@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -63,6 +64,7 @@ _RESUMABLE_CHANGES = {
     "grad_accum",
     "compile",
     "eval_every",
+    "keep_best",
 }
 
 
@@ -111,6 +113,9 @@ def train(
     _check_context(model, examples, encoded)
     eval_encoded = encoded_items(eval_examples) if config.eval_every else []
     accelerator = make_accelerator(config)
+    if config.keep_best and distributed_kind(accelerator) in ("deepspeed", "fsdp"):
+        raise FlyThinkerError(f"training.keep_best keeps whole weights: one process or DDP, not "
+                              f"{distributed_kind(accelerator)}")
     plan = StepPlan(
         len(encoded),
         config.batch_size,
@@ -365,6 +370,14 @@ class _Loop:
         if self.accelerator.is_main_process:
             append_jsonl(eval_log, {"step": state.step, "epoch": round(self.plan.epoch_of(state.step), 4),
                                     "loss": loss, "tokens": tokens, "records": len(pairs)})
+            if self.config.keep_best:
+                # A resumed run keeps the best its earlier session found: replayed steps give the
+                # same weights and loss, so they do not displace it.
+                root = eval_log.parent / checkpoints.BEST_DIR
+                best = checkpoints.read_best(root)
+                if best is None or loss < best["loss"]:
+                    checkpoints.save_best(self.accelerator.unwrap_model(self.model), root, state.step, loss)
+        self.accelerator.wait_for_everyone()
 
     def step(self, step: int) -> tuple[float, float | None, int]:
         """Forward and backward over this process's micro-batches of ``step``, then one update.
@@ -440,6 +453,8 @@ def _start(
     if accelerator.is_main_process:
         checkpoints.clear_states(root)
         log_path.unlink(missing_ok=True)
+        (out_dir / EVAL_LOG_NAME).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / checkpoints.BEST_DIR, ignore_errors=True)
     accelerator.wait_for_everyone()
     return checkpoints.TrainerState(signature=signature)
 
