@@ -1,7 +1,8 @@
 """Collect finished rows of one task of a `flythinker run` study into one JSON file: each row's
 metrics, held-out and validation loss, third-epoch training loss and validation curve (rows
 trained with ``eval_every``), and every row minus SFT on the same records (paired-bootstrap 95%
-intervals, `flythinker.evaluation.report.paired_rows`).
+intervals, `flythinker.evaluation.report.paired_rows`); the curves are drawn next to it
+(validation_curves.png).
 
 The runner writes its own report only when a whole invocation ends; this reads the row
 directories as they finish, so a study that spans sessions can publish each stage.
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from flythinker.commands.run import validation_curve
-from flythinker.evaluation.report import paired_rows
+from flythinker.evaluation.report import paired_rows, plot_validation_curves
 
 TEXT_METRICS = ("rouge1", "rougeL", "meteor", "bleu")
 
@@ -62,6 +63,10 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"run_dir": str(args.run_dir), "task": args.task, "rows": rows,
                                     "paired_vs_sft": paired}, indent=1) + "\n")
+    if any(row["validation_curve"] for row in rows.values()):
+        curves = {label: {"validation_curve": row["validation_curve"]} for label, row in rows.items()}
+        plot_validation_curves({args.task: curves}, args.out.with_name("validation_curves.png"))
+        print(f"written: {args.out.with_name('validation_curves.png')}")
     for p in paired:
         print(f"{p['method']:32} {p['metric']:13} {p['difference']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]")
     print(f"written: {args.out}")
