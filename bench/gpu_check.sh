@@ -7,7 +7,9 @@
 #      random weights, every overlap mode the machine has ("none", "streams"; "devices" with 2 GPUs),
 #      with CUDA graphs and with compiled steps replayed from graphs, at batch 1 (the compiled
 #      rows compile once per shape: larger batches would multiply that), plus CoT and Coconut;
-#      FlyThinker-shared with adapters on every linear layer;
+#      FlyThinker-shared with adapters on every linear layer, apart and with each LoRA A stacked
+#      under its base weight (flythinker-shared-stacked, uncompiled steps only); static states
+#      kept across calls, so first_call_warmup_ms shows compilation and capture, paid once;
 #   4. kernels and GPU-busy time per decode step at the same shapes (bench/kernel_profile.py).
 # Each part has its own time limit and a failing part does not stop the next; the exit status is
 # non-zero if any part failed. Everything goes to $OUT (or bench/out): gpu_check.log,

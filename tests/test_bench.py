@@ -78,6 +78,22 @@ def test_bench_times_compiled_steps_beside_sfts_at_batch_1_only(tmp_path, restor
     assert all(r["ratio_to_sft"] == 1.0 for r in rows if r["method"] == "sft" and r["measure"] not in NO_RATIO)
 
 
+def test_plain_weights_add_the_shared_variant_with_stacked_adapters_at_batch_1(tmp_path, restore_threads):
+    out = tmp_path / "plain.json"
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--json", str(out), "--repeats", "1", "--new_tokens", "3",
+            "--train_tokens", "16", "--threads", "1", "--rationale_tokens", "3", "--weights", "plain", "--batches", "[]"]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    stacked = {r["measure"]: r for r in rows if r["method"] == "flythinker-shared-stacked"}
+    shared = {r["measure"]: r for r in rows if r["method"] == "flythinker-shared"}
+    assert set(stacked) == THINKING_MEASURES  # decoded at batch 1; it trains as the shared variant does
+    assert stacked["decode_ms_per_token_b1"]["value"] > 0
+    # The same weights, laid out differently: the shared variant's floors (memory: plus a few
+    # zeros of bias under each stacked A).
+    for measure in THINKING_MEASURES - NO_RATIO:
+        assert stacked[measure]["floor_ratio"] == pytest.approx(shared[measure]["floor_ratio"], rel=1e-2), measure
+
+
 def test_graphs_on_a_cpu_are_refused(capsys):
     assert main(["bench", "--shape", "tiny", "--device", "cpu", "--steps", "[graph]"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err

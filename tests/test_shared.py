@@ -13,6 +13,7 @@ from test_train import copy_examples
 
 from flythinker.config import FlyThinkerConfig, GenerationConfig, TrainConfig
 from flythinker.errors import FlyThinkerError
+from flythinker.model.adapter import RoleLoRALinear, stack_adapter_weights
 from flythinker.model.decoding import (
     FlyThinkerDecoder,
     decode,
@@ -217,3 +218,45 @@ def test_write_decodes_a_shared_checkpoint_with_its_own_decoder(make_shared, tmp
     tokens = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10).sequences[0].tolist()
     assert written == model.tokenizer.decode(tokens, skip_special_tokens=True)
     assert used == [SharedDecoder]  # one forward of both roles per step, not the two-model decoder
+
+
+# --------------------------------------------------------------------------- A stacked under W
+
+
+@pytest.mark.parametrize("steps", ["dynamic", "static"])
+def test_stacked_adapter_weights_decode_as_the_layers_apart(make_shared, prompt_batch, steps):
+    """(W; A) in one GEMM per mixed step gives the tokens and logits of the two GEMMs, and holds
+    no second copy of any weight."""
+    apart, stacked = make_shared(fusion="linear"), make_shared(fusion="linear")
+    stacked_layers = stack_adapter_weights(stacked)
+    assert stacked_layers == len(stacked.reasoner_component.paths) > 0
+    layer = next(m for m in stacked.modules() if isinstance(m, RoleLoRALinear))
+    assert layer.base_layer.weight.data_ptr() == layer.stacked_weight.data_ptr()
+    assert layer.lora_A.weight.untyped_storage().data_ptr() == layer.stacked_weight.untyped_storage().data_ptr()
+    args = (prompt_batch.input_ids, prompt_batch.attention_mask)
+    with torch.no_grad():
+        reference = decode(apart.step_decoder(steps=steps), *args, GenerationConfig(max_new_tokens=NEW_TOKENS),
+                           eos_token_id=-1, pad_token_id=0, output_scores=True, output_reasoning=True)
+        out = decode(stacked.step_decoder(steps=steps), *args, GenerationConfig(max_new_tokens=NEW_TOKENS),
+                     eos_token_id=-1, pad_token_id=0, output_scores=True, output_reasoning=True)
+    assert torch.equal(out.sequences, reference.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out.scores, reference.scores)) <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(out.reasoning, reference.reasoning)) <= 1e-5
+    # Cast (new tensors for every parameter): stacked again, still the same model.
+    stacked.to(torch.float64)
+    assert layer.stacked_weight.dtype == torch.float64 and layer.base_layer.weight.data_ptr() == layer.stacked_weight.data_ptr()
+    again = stacked.generate(*args, max_new_tokens=NEW_TOKENS, eos_token_id=-1)
+    assert torch.equal(again.sequences, reference.sequences)
+
+
+def test_a_stacked_model_trains_saves_and_loads_as_an_unstacked_one(make_shared, tokenizer, prompt_batch, tmp_path):
+    models = {"apart": make_shared(fusion="linear"), "stacked": make_shared(fusion="linear")}
+    stack_adapter_weights(models["stacked"])
+    for name, model in models.items():
+        config = TrainConfig(output_dir=str(tmp_path / name), max_steps=2, batch_size=4, lr=1e-2)
+        train(model, tokenizer, copy_examples(8), config, show_progress=False)
+    loaded = {name: FlyThinker.from_pretrained(tmp_path / name / "checkpoint").eval() for name in models}
+    ids, mask = prompt_batch.input_ids, prompt_batch.attention_mask
+    with torch.no_grad():
+        logits = {name: model(ids, mask).logits for name, model in loaded.items()}
+    torch.testing.assert_close(logits["stacked"], logits["apart"], rtol=1e-5, atol=1e-5)

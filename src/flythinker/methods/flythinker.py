@@ -18,6 +18,7 @@ from flythinker.methods.costs import (
     param_count,
     unique_bytes,
 )
+from flythinker.model.adapter import stack_adapter_weights
 from flythinker.model.flythinker import FlyThinker
 from flythinker.model.prepack import prepack_linears
 from flythinker.model.reasoners import AdapterReasoner
@@ -53,6 +54,13 @@ class FlyThinkerMethod(Method):
         adapter = unique_bytes(shared.reasoner_component.adapter_state().values())
         g_extra = param_count(g, embeddings=False)  # the reasoner pass is the generator's decoder again
         shared_floors = floors.relative(adapter, g_extra, g_extra, adapter)
+        # With plain weights, also the shared variant with each LoRA A stacked under its base
+        # weight (one GEMM fewer per adapted layer and step), timed at batch 1 next to it, in the
+        # step modes that do not compile (a GPU check cannot spare a third compilation).
+        stacked = None
+        if not bench.packed:
+            stacked = copy.deepcopy(shared)
+            stack_adapter_weights(stacked.generator)
         if bench.packed:  # each matmul in the layout for the rows it sees at batch 1: the shared
             prepack_linears(shared.generator.get_decoder(), rows=2)  # decoder's two
             prepack_linears(shared.generator)  # the LM head, which reads the generator's row only
@@ -70,6 +78,9 @@ class FlyThinkerMethod(Method):
                 entries.append(BenchEntry(cls.name, overlap, [model], run(model, overlap, steps), dict(separate_floors), steps))
             entries.append(BenchEntry(shared.reasoner_component.label, None, [shared], run(shared, "none", steps),
                                       dict(shared_floors), steps))
+            if stacked is not None and not STEP_OPTIONS[steps].get("compile"):
+                entries.append(BenchEntry(f"{shared.reasoner_component.label}-stacked", None, [stacked],
+                                          run(stacked, "none", steps), dict(shared_floors), steps, batched=False))
         return entries
 
     @classmethod

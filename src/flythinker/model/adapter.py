@@ -8,6 +8,11 @@ more than the matmuls themselves at batch 1 on a CPU. Here each layer adds the l
 contiguous row range in one slice. The files are peft's own (``adapter_config.json`` +
 ``adapter_model.safetensors``), so ``peft.PeftModel.from_pretrained`` on the saved generator
 reproduces the reasoner.
+
+`stack_adapter_weights` lays each layer's LoRA A under its base weight in one tensor, so a mixed
+decode step computes the base output of every row and the reasoner rows' low-rank input in one
+GEMM instead of two. On a GPU a batch-1 step costs about what its kernels do, and an adapter on
+every linear layer adds two small GEMMs to each of them (docs/efficiency.md).
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ class RoleLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / rank
         self._rows = rows  # a plain attribute, not a submodule: every layer shares the one switch
+        # (base weight; A) in one tensor, the base weight and A then being views of it (`stack`).
+        self.stacked_weight: torch.Tensor | None = None
+        self.stacked_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -69,6 +77,8 @@ class RoleLoRALinear(nn.Module):
         # A mixed decode batch (inference): only the selected rows move, in place on the base output.
         # A plain B accumulates into those rows in the GEMM itself; each kernel saved counts, since
         # a batch-1 step on a GPU costs about what its kernel count does.
+        if self.stacked_weight is not None:
+            return self._stacked_mixed(x, rows)
         target, low_rank = y[rows], self.lora_A(x[rows])
         if type(self.lora_B) is nn.Linear and target.is_contiguous():
             target.view(-1, target.shape[-1]).addmm_(
@@ -77,6 +87,50 @@ class RoleLoRALinear(nn.Module):
         else:  # e.g. an inference-only packed layer (`flythinker.model.prepack`): no plain weight
             target.add_(self.lora_B(low_rank), alpha=self.scaling)
         return y
+
+    def _stacked_mixed(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The mixed-rows output from one GEMM over (W; A): its first ``out`` columns are every
+        row's base output, the last ``rank`` the low-rank input of all rows (only ``rows``' used).
+        The result is a strided view (rows ``out + rank`` apart): what follows a linear layer in
+        a decoder block (a head split of the last dim, elementwise ops) reads it as it is."""
+        out = self.base_layer.out_features
+        both = nn.functional.linear(x, self.stacked_weight, self.stacked_bias)
+        y = both[..., :out]
+        target, low_rank = y[rows], both[rows][..., out:]
+        target.view(-1, out).addmm_(low_rank.reshape(-1, low_rank.shape[-1]), self.lora_B.weight.t(), alpha=self.scaling)
+        return y
+
+    def stack(self) -> bool:
+        """Lay A under the base weight in one tensor, the two parameters becoming views of it (no
+        extra memory; training, loading and saving see the same parameters). False where the
+        layer has no plain weights to stack (a pre-packed base, an A with a bias)."""
+        base, lora_a = self.base_layer, self.lora_A
+        if not (type(base) is nn.Linear and type(lora_a) is nn.Linear and type(self.lora_B) is nn.Linear
+                and lora_a.bias is None and base.weight.dtype == lora_a.weight.dtype):
+            return False
+        out = base.out_features
+        with torch.no_grad():
+            self.stacked_weight = torch.cat([base.weight, lora_a.weight])
+            base.weight.data, lora_a.weight.data = self.stacked_weight[:out], self.stacked_weight[out:]
+            if base.bias is not None:
+                self.stacked_bias = torch.cat([base.bias, base.bias.new_zeros(lora_a.out_features)])
+                base.bias.data = self.stacked_bias[:out]
+        return True
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting the module gives the parameters new tensors, no longer views of the
+        # stacked one: stack them again afterwards.
+        stacked = self.stacked_weight is not None
+        self.stacked_weight = self.stacked_bias = None
+        module = super()._apply(fn, recurse)
+        if stacked:
+            self.stack()
+        return module
+
+
+def stack_adapter_weights(model: nn.Module) -> int:
+    """`RoleLoRALinear.stack` every adapted layer of ``model``; return how many were stacked."""
+    return sum(module.stack() for module in model.modules() if isinstance(module, RoleLoRALinear))
 
 
 def attach_adapter(
