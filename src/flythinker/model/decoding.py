@@ -112,6 +112,7 @@ class StepDecoder(ABC):
     inputs: StepInputs | None = None  # its fixed input buffers
     state: StaticState | None = None  # what holds both, and the key it goes back under
     state_key: Hashable = None
+    state_weights: int | None = None  # `weights_fingerprint` of the owner when the state was taken
 
     def reserve(self, max_length: int) -> None:
         self.max_length = reserved_length(max_length, static=self.steps != "dynamic")
@@ -133,7 +134,7 @@ class StepDecoder(ABC):
         states are kept for, alive."""
         if self.state is not None:
             self.state.step.body = None
-            KEPT_STATES.put(self.owner, self.state_key, self.state)
+            KEPT_STATES.put(self.owner, self.state_key, self.state, weights=self.state_weights)
         self.static = self.state = self.inputs = None
 
     @abstractmethod
@@ -148,6 +149,7 @@ class StepDecoder(ABC):
         return self.static()
 
     def _take_static_state(self, batch: int) -> None:
+        self.state_weights = weights_fingerprint(self.owner)
         self.state_key = self.static_key(batch)
         state = KEPT_STATES.take(self.owner, self.state_key) or StaticState(self.max_length)
         state.uses += 1
@@ -165,7 +167,7 @@ class StepDecoder(ABC):
         the batch and cache length, where the weights live, and any Python value a captured step
         bakes in (`static_key_extras`)."""
         return (type(self).__name__, self.steps, self.compile, self.device, batch, self.max_length,
-                weights_fingerprint(self.owner), *self.static_key_extras())
+                self.state_weights, *self.static_key_extras())
 
     def static_key_extras(self) -> tuple[Hashable, ...]:
         return ()

@@ -285,7 +285,9 @@ class StaticStates:
     """Static states kept per model for its most recently used shapes, at most ``per_model``.
 
     A state is taken out while a decode call uses it (two concurrent calls never share one) and
-    put back when the call ends. Models are held weakly: a model's states go with it.
+    put back when the call ends. Models are held weakly: a model's states go with it. States of a
+    model whose weights have moved since (`weights_fingerprint`) can never serve again: the next
+    state put back for that model drops them.
     """
 
     def __init__(self, per_model: int = 4) -> None:
@@ -293,6 +295,7 @@ class StaticStates:
         self._kept: weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict[Hashable, StaticState]] = (
             weakref.WeakKeyDictionary()
         )
+        self._weights: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
@@ -305,8 +308,12 @@ class StaticStates:
                 self.hits += 1
             return state
 
-    def put(self, model: torch.nn.Module, key: Hashable, state: StaticState) -> None:
+    def put(self, model: torch.nn.Module, key: Hashable, state: StaticState, weights: int) -> None:
+        """Keep ``state`` under ``key`` for ``model``, whose weights have fingerprint ``weights``."""
         with self._lock:
+            if self._weights.get(model) != weights:
+                self._kept.pop(model, None)
+                self._weights[model] = weights
             kept = self._kept.setdefault(model, OrderedDict())
             kept[key] = state
             kept.move_to_end(key)
@@ -323,8 +330,10 @@ class StaticStates:
         with self._lock:
             if model is None:
                 self._kept.clear()
+                self._weights.clear()
             else:
                 self._kept.pop(model, None)
+                self._weights.pop(model, None)
 
 
 KEPT_STATES = StaticStates()
