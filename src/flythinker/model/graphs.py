@@ -14,7 +14,7 @@ at one address:
   (logits, the next reasoning vector) come out in fixed output buffers.
 
 The prompt prefill stays eager and dynamic (its shape differs from call to call); its caches are
-then copied into static ones (`static_cache`). Decoders use this module through `StaticStep`:
+then copied into static ones (`StaticState.cache`). Decoders use this module through `StaticStep`:
 the first decode step runs eagerly (on a side stream, the warm-up capture needs), the second is
 captured and replayed, and every later one is replayed. With ``capture=False`` the same buffers
 and code run eagerly every step; that is what the CPU tests check against dynamic decoding, so a
@@ -121,11 +121,6 @@ def fill_static_cache(cache: StaticCache, parts: Sequence[DynamicCache], max_len
             raise FlyThinkerError(f"static cache of {max_length} slots cannot hold a {keys.shape[-2]}-token prompt and a step")
         cache.update(keys, values, index)
     return cache
-
-
-def static_cache(config: PretrainedConfig, parts: Sequence[DynamicCache], max_length: int) -> StaticCache:
-    """A new StaticCache of ``max_length`` slots holding ``parts``' prefill (`fill_static_cache`)."""
-    return fill_static_cache(StaticCache(config=config, max_cache_len=max_length), parts, max_length)
 
 
 class SlotMask:
