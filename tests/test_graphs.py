@@ -19,6 +19,7 @@ from flythinker.errors import FlyThinkerError
 from flythinker.model.decoding import CausalLMDecoder, decode
 from flythinker.model.flythinker import FlyThinker
 from flythinker.model.graphs import KEPT_STATES, SlotMask
+from flythinker.model.prepack import prepack_linears
 from flythinker.model.sources import build_tiny
 
 NEW_TOKENS = 10
@@ -250,3 +251,14 @@ def test_a_later_call_replays_the_graph_an_earlier_call_captured(kind, overlap, 
     out = greedy(decoder_over(model, "graph", overlap), other)
     assert state.step.graph is graph and state.uses == 2  # replayed from its first step, not captured again
     assert torch.equal(out.sequences.cpu(), reference.sequences)
+
+
+def test_kept_states_work_over_opaque_prepacked_weights(prompt_batch):
+    """oneDNN pre-packed weights have no data pointer: the weights' fingerprint still holds."""
+    model = build_tiny(64, seed=2).eval()
+    prepack_linears(model)
+    reference = greedy(CausalLMDecoder(model, "dynamic"), prompt_batch)
+    hits = KEPT_STATES.hits
+    for _ in range(2):
+        assert torch.equal(greedy(CausalLMDecoder(model, "static"), prompt_batch).sequences, reference.sequences)
+    assert KEPT_STATES.hits == hits + 1

@@ -340,4 +340,11 @@ def weights_fingerprint(model: torch.nn.Module) -> int:
     """Where ``model``'s parameters and buffers live. A captured graph reads them at these
     addresses, so a state is reused only while they stay (values may change: training in place
     is fine; parameters replaced by new tensors are not)."""
-    return hash(tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
+    return hash(tuple(_address(t) for t in itertools.chain(model.parameters(), model.buffers())))
+
+
+def _address(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:  # opaque, e.g. oneDNN pre-packed weights (`flythinker.model.prepack`)
+        return id(tensor)
