@@ -122,8 +122,10 @@ def test_non_utf8_training_file(tmp_path, capsys, earlier_run):
         (["--model.lam", "-1"], "lam (lambda) must be a finite number >= 0, got -1.0"),
         (["--training.lrr", "1e-3"], "unrecognized arguments: --training.lrr"),
         (["--training.keep_last", "0"], "keep_last must be >= 1"),
+        (["--training.eval_every", "2"], "training.eval_every needs --eval_data"),
+        (["--training.keep_best", "true"], "keep_best needs eval_every > 0"),
     ],
-    ids=["lambda-nan", "lambda-negative", "unknown-key", "bad-value"],
+    ids=["lambda-nan", "lambda-negative", "unknown-key", "bad-value", "eval-without-data", "best-without-eval"],
 )
 def test_bad_settings(tmp_path, capsys, earlier_run, extra, message):
     data = write_pairs(tmp_path / "pairs.jsonl", 4)
