@@ -42,7 +42,13 @@ echo "== learning rate chosen on validation: $LR"
 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/remedies.yaml --training.lr "$LR"
 # 3. Stage 1 (configs/studies/stage1.yaml): SFT and the zero projection at scales 10 and 30, both tasks.
 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1.yaml --training.lr "$LR"
-# 4. Stage 3 (configs/studies/capacity.yaml): every training record outside validation (abstracts).
+# 4. Stage 3 (configs/studies/capacity.yaml): every training record outside validation (abstracts),
+#    SFT and the scale-10 projection, with validation curves and the weights of their lowest point.
 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml --training.lr "$LR"
-# 5. Every other row (earlier stages' rows are reused).
+# 5. Stage 4 (configs/studies/seed1.yaml): a second seed for product_review's SFT and projections.
+"$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.yaml --training.lr "$LR"
+# 6. Stage 3b (configs/studies/capacity_remedies.yaml): stage 2's remedies with 160 abstracts.
+"$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml \
+  --config configs/studies/capacity_remedies.yaml --training.lr "$LR"
+# 7. Every other row (earlier stages' rows are reused).
 "$FLYTHINKER" run --config "$STUDY" --training.lr "$LR"
