@@ -1,6 +1,6 @@
 """Collect finished rows of one task of a `flythinker run` study into one JSON file: each row's
-metrics, held-out and validation loss, third-epoch training loss and validation curve (rows
-trained with ``eval_every``), and every row minus SFT on the same records (paired-bootstrap 95%
+metrics, held-out and validation loss, third-epoch training loss, validation curve and the
+held-out loss at its lowest point (rows trained with ``eval_every`` and ``keep_best``), and every row minus SFT on the same records (paired-bootstrap 95%
 intervals, `flythinker.evaluation.report.paired_rows`); the curves are drawn next to it
 (validation_curves.png).
 
@@ -54,6 +54,8 @@ def main() -> int:
             "validation_loss": metrics.get("validation_loss", {}).get("per_token"),
             "train_loss_third_epoch_mean": third_epoch_loss(work / "train_log.jsonl"),
             "validation_curve": validation_curve(work / "eval_log.jsonl") or None,
+            "heldout_loss_at_best": metrics.get("heldout_loss_at_best", {}).get("per_token"),
+            "best_step": metrics.get("heldout_loss_at_best", {}).get("step"),
             "n": metrics["n_samples"],
         }
     paired = paired_rows({args.task: methods})
