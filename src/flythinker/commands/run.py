@@ -40,7 +40,7 @@ from flythinker.io import to_plain, write_json, write_yaml
 from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, RunContext, make_method
 from flythinker.training.checkpoints import BEST_DIR, STATES_DIR, clear_states, load_best, read_best
 from flythinker.training.engines import Processes, current_processes
-from flythinker.training.train import EVAL_LOG_NAME
+from flythinker.training.train import EVAL_LOG_NAME, read_eval_log
 
 PREDICTIONS = "predictions.jsonl"
 PARTS_PREFIX = "predictions.part-"  # predictions.part-<process>.jsonl, while several processes decode
@@ -285,10 +285,7 @@ def gather_predictions(
 def validation_curve(eval_log: Path) -> list[list[float]]:
     """``[[optimizer step, validation loss per target token], ...]`` from a row trained with
     ``training.eval_every`` (empty without one)."""
-    if not eval_log.is_file():
-        return []
-    rows = [json.loads(line) for line in eval_log.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [[row["step"], row["loss"]] for row in rows]
+    return [[row["step"], row["loss"]] for row in read_eval_log(eval_log)]
 
 
 def heldout_loss_at_best(method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path) -> dict[str, Any]:

@@ -58,12 +58,12 @@ class FlyThinkerMethod(Method):
         # weight (one GEMM fewer per adapted layer and step), timed at batch 1 next to it, in the
         # step modes that do not compile (a GPU check cannot spare a third compilation).
         stacked = None
-        if not bench.packed:
-            stacked = copy.deepcopy(shared)
-            stack_adapter_weights(stacked.generator)
         if bench.packed:  # each matmul in the layout for the rows it sees at batch 1: the shared
             prepack_linears(shared.generator.get_decoder(), rows=2)  # decoder's two
             prepack_linears(shared.generator)  # the LM head, which reads the generator's row only
+        else:
+            stacked = copy.deepcopy(shared)
+            stack_adapter_weights(stacked.generator)
 
         def run(model, overlap, steps):
             return lambda ids, mask, n, on_token: model.generate(

@@ -258,10 +258,12 @@ def teacher_forced_losses(
     return losses
 
 
-def _logged_steps(log: Path) -> set[int]:
-    if not log.is_file():
-        return set()
-    return {json.loads(line)["step"] for line in log.read_text(encoding="utf-8").splitlines() if line.strip()}
+def read_eval_log(path: Path) -> list[dict[str, Any]]:
+    """The evaluations ``eval_log.jsonl`` holds (`TrainConfig.eval_every`), oldest first; none
+    without the file."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _labelled_tokens(items) -> int:
@@ -294,6 +296,7 @@ class _Loop:
     log_path: Path
     loss_sum: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # `forward_loss_sum`, maybe compiled
     eval_encoded: Sequence[Encoded] = ()  # examples `evaluate` scores every `config.eval_every` steps
+    best_loss: float | None = None  # the lowest evaluation whose weights are kept (`config.keep_best`)
 
     def run(self, state: checkpoints.TrainerState, progress: tqdm) -> None:
         """Steps ``state.step`` to the end: train, log, and save a resumable state every so often."""
@@ -307,7 +310,11 @@ class _Loop:
         if config.eval_every:
             if self.accelerator.is_main_process:  # a resumed run drops evaluations past its state
                 checkpoints.rewrite_log(eval_log, state.step)
-            if state.step % config.eval_every == 0 and state.step not in _logged_steps(eval_log):
+            # A resumed run keeps the best its earlier session found: replayed steps give the same
+            # weights and losses, so they do not displace it.
+            best = checkpoints.read_best(eval_log.parent / checkpoints.BEST_DIR) if config.keep_best else None
+            self.best_loss = None if best is None else best["loss"]
+            if state.step % config.eval_every == 0 and state.step not in {row["step"] for row in read_eval_log(eval_log)}:
                 self.evaluate(state, eval_log, progress)
         for step in range(state.step, plan.total_steps):
             if schedule is not None:
@@ -370,13 +377,10 @@ class _Loop:
         if self.accelerator.is_main_process:
             append_jsonl(eval_log, {"step": state.step, "epoch": round(self.plan.epoch_of(state.step), 4),
                                     "loss": loss, "tokens": tokens, "records": len(pairs)})
-            if self.config.keep_best:
-                # A resumed run keeps the best its earlier session found: replayed steps give the
-                # same weights and loss, so they do not displace it.
-                root = eval_log.parent / checkpoints.BEST_DIR
-                best = checkpoints.read_best(root)
-                if best is None or loss < best["loss"]:
-                    checkpoints.save_best(self.accelerator.unwrap_model(self.model), root, state.step, loss)
+            if self.config.keep_best and (self.best_loss is None or loss < self.best_loss):
+                checkpoints.save_best(self.accelerator.unwrap_model(self.model), eval_log.parent / checkpoints.BEST_DIR,
+                                      state.step, loss)
+                self.best_loss = loss
         self.accelerator.wait_for_everyone()
 
     def step(self, step: int) -> tuple[float, float | None, int]:
