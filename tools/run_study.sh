@@ -3,8 +3,24 @@
 # Each `flythinker run` resumes by itself (finished checkpoints and predictions are reused), so a
 # killed or timed-out session loses at most the method it was training.
 #   nohup bash tools/run_study.sh > runs/study.log 2>&1 &
+# A stage name as the argument starts there, skipping the ones before it (a machine whose runs/ was
+# lost need not retrain stages whose results are already published):
+#   nohup bash tools/run_study.sh seed1 > runs/study.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STAGES=(remedies stage1 capacity seed1 capacity_remedies rest)
+FROM=${1:-${STAGES[0]}}
+if [[ ! " ${STAGES[*]} " == *" $FROM "* ]]; then
+  echo "unknown stage '$FROM'; the stages, in order: ${STAGES[*]}" >&2
+  exit 2
+fi
+started=false
+# Runs its command unless the stage comes before the one asked to start at.
+stage() {
+  local name=$1; shift
+  if [ "$name" = "$FROM" ]; then started=true; fi
+  if $started; then echo "== stage $name"; "$@"; else echo "== stage $name skipped"; fi
+}
 FLYTHINKER=${FLYTHINKER:-.venv/bin/flythinker}
 STUDY=configs/studies/start_at_sft.yaml
 LR_DIR=${LR_DIR:-runs/study-lr}
@@ -39,16 +55,16 @@ echo "== learning rate chosen on validation: $LR"
 
 # 2. Stage 2 first (configs/studies/remedies.yaml): a frozen reasoner and signal dropout, the two
 #    remedies for the overfitting stage 1 found (abstracts, 64 records; SFT and scale 10 reused).
-"$FLYTHINKER" run --config "$STUDY" --config configs/studies/remedies.yaml --training.lr "$LR"
+stage remedies "$FLYTHINKER" run --config "$STUDY" --config configs/studies/remedies.yaml --training.lr "$LR"
 # 3. Stage 1 (configs/studies/stage1.yaml): SFT and the zero projection at scales 10 and 30, both tasks.
-"$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1.yaml --training.lr "$LR"
+stage stage1 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1.yaml --training.lr "$LR"
 # 4. Stage 3 (configs/studies/capacity.yaml): every training record outside validation (abstracts),
 #    SFT and the scale-10 projection, with validation curves and the weights of their lowest point.
-"$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml --training.lr "$LR"
+stage capacity "$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml --training.lr "$LR"
 # 5. Stage 4 (configs/studies/seed1.yaml): a second seed for product_review's SFT and projections.
-"$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.yaml --training.lr "$LR"
+stage seed1 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.yaml --training.lr "$LR"
 # 6. Stage 3b (configs/studies/capacity_remedies.yaml): stage 2's remedies with 160 abstracts.
-"$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml \
+stage capacity_remedies "$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml \
   --config configs/studies/capacity_remedies.yaml --training.lr "$LR"
 # 7. Every other row (earlier stages' rows are reused).
-"$FLYTHINKER" run --config "$STUDY" --training.lr "$LR"
+stage rest "$FLYTHINKER" run --config "$STUDY" --training.lr "$LR"
