@@ -8,7 +8,7 @@
 #   nohup bash tools/run_study.sh seed1 > runs/study.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGES=(remedies stage1 capacity seed1 capacity_remedies rest)
+STAGES=(remedies stage1 capacity seed1 variants shared baselines capacity_remedies rest)
 FROM=${1:-${STAGES[0]}}
 if [[ ! " ${STAGES[*]} " == *" $FROM "* ]]; then
   echo "unknown stage '$FROM'; the stages, in order: ${STAGES[*]}" >&2
@@ -63,8 +63,15 @@ stage stage1 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1
 stage capacity "$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml --training.lr "$LR"
 # 5. Stage 4 (configs/studies/seed1.yaml): a second seed for product_review's SFT and projections.
 stage seed1 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.yaml --training.lr "$LR"
-# 6. Stage 3b (configs/studies/capacity_remedies.yaml): stage 2's remedies with 160 abstracts.
+# 6. Stage 5 (configs/studies/variants.yaml): the zero gate, the lambda warm-up and the random
+#    projection on 64 abstracts, each with its validation curve and best weights.
+stage variants "$FLYTHINKER" run --config "$STUDY" --config configs/studies/variants.yaml --training.lr "$LR"
+# 7. Stage 6 (configs/studies/shared.yaml): FlyThinker-shared, adapters on every linear layer and on q/v.
+stage shared "$FLYTHINKER" run --config "$STUDY" --config configs/studies/shared.yaml --training.lr "$LR"
+# 8. Stage 7 (configs/studies/baselines.yaml): non-personalized, RAG, CoT and Coconut at the same budget.
+stage baselines "$FLYTHINKER" run --config "$STUDY" --config configs/studies/baselines.yaml --training.lr "$LR"
+# 9. Stage 3b (configs/studies/capacity_remedies.yaml): stage 2's remedies with 160 abstracts.
 stage capacity_remedies "$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml \
   --config configs/studies/capacity_remedies.yaml --training.lr "$LR"
-# 7. Every other row (earlier stages' rows are reused).
+# 10. Every other row (earlier stages' rows are reused).
 stage rest "$FLYTHINKER" run --config "$STUDY" --training.lr "$LR"
