@@ -13,7 +13,7 @@ from flythinker.errors import FlyThinkerError
 from flythinker.model.decoding import position_ids_from_mask
 from flythinker.model.flythinker import FlyThinker
 from flythinker.model.reasoners import check_same_vocab
-from flythinker.model.sources import build_tiny
+from flythinker.model.sources import build_tiny, load_tokenizer
 
 
 def test_lambda_zero_gives_exactly_the_generators_logits(make_model, prompt_batch):
@@ -93,6 +93,21 @@ def test_save_load_round_trip(make_model, prompt_batch, tmp_path, fusion):
         after = loaded(prompt_batch.input_ids, prompt_batch.attention_mask).logits
     assert torch.equal(before, after)
     assert loaded.tokenizer is not None and loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    assert loaded.tokenizer(ENCODED_ALIKE)["input_ids"] == model.tokenizer(ENCODED_ALIKE)["input_ids"]
+
+
+# Digits after a space: a generic tokenizer saved with a Qwen2 model must not come back as a
+# Qwen2Tokenizer, which splits " 5" in two (a reused SFT checkpoint once scored validation
+# records differently from the model in memory).
+ENCODED_ALIKE = "Rating: 5.0, 1234 stars"
+
+
+def test_a_saved_lm_loads_its_tokenizer_back_as_it_tokenized(tokenizer, tmp_path):
+    build_tiny(64, seed=0).save_pretrained(tmp_path)  # a config.json naming the qwen2 model type
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert type(loaded) is type(tokenizer)
+    assert loaded(ENCODED_ALIKE)["input_ids"] == tokenizer(ENCODED_ALIKE)["input_ids"]
 
 
 def test_save_replaces_an_existing_checkpoint_atomically(make_model, tmp_path):

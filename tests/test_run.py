@@ -153,6 +153,51 @@ def test_checkpointing_settings_do_not_refuse_a_rerun_and_a_trained_row_keeps_no
     assert f"reusing {work / 'checkpoint'}" in capsys.readouterr().out
 
 
+def test_checkpoints_from_decodes_trained_rows_again_without_retraining(tmp_path, monkeypatch):
+    """Another decoding of a finished run (the published sampling next to greedy) reads its
+    checkpoints, validation curve and kept best weights in place instead of training again."""
+    methods = [MethodConfig(method="non_personalized"), MethodConfig(method="sft")]
+    greedy = small_config(tmp_path / "greedy", methods, eval_limit=3)
+    greedy = replace(greedy, tasks=[replace(greedy.tasks[0], validation=3)],
+                     training=replace(greedy.training, eval_every=1, keep_best=True))
+    before = run_experiment(greedy)["product_review"]["sft"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a row in checkpoints_from was trained again")
+
+    monkeypatch.setattr(Method, "train", no_training)
+    sampled = replace(greedy, out=str(tmp_path / "sampled"), checkpoints_from=greedy.out,
+                      generation=GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.95, seed=1))
+    after = run_experiment(sampled)["product_review"]
+    work = tmp_path / "sampled" / "product_review" / "sft"
+    assert not (work / "checkpoint").exists(), "checkpoints are read in place, not copied"
+    assert len(read_predictions(work / "predictions.jsonl")) == 3
+    # The same weights: the same teacher-forced losses, curve and best point.
+    for key in ("heldout_loss", "validation_loss"):
+        assert after["sft"][key]["per_token"] == pytest.approx(before[key]["per_token"], rel=1e-6)
+    assert after["sft"]["validation_curve"] == before["validation_curve"]
+    assert after["sft"]["heldout_loss_at_best"]["per_token"] == pytest.approx(before["heldout_loss_at_best"]["per_token"], rel=1e-6)
+    assert json.loads((work / "settings.json").read_text())["generation"]["do_sample"] is True
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [(lambda c, tmp: replace(c, training=replace(c.training, lr=1e-3)), "trained with other settings \\(training changed\\)"),
+     (lambda c, tmp: replace(c, methods=[*c.methods, MethodConfig(method="sft", label="sft-b")]),
+      "holds no finished checkpoint of row 'sft-b'"),
+     (lambda c, tmp: replace(c, checkpoints_from=c.out, out=c.out), "is the run's own --out")],
+    ids=["other training", "row not trained there", "its own out"],
+)
+def test_checkpoints_from_is_refused_unless_every_trained_row_was_trained_alike(tmp_path, change, message):
+    first = small_config(tmp_path / "first", [MethodConfig(method="sft")], eval_limit=2)
+    run_experiment(first)
+    again = replace(first, out=str(tmp_path / "again"), checkpoints_from=first.out,
+                    generation=GenerationConfig(max_new_tokens=8, do_sample=True))
+    with pytest.raises(FlyThinkerError, match=message):
+        run_experiment(change(again, tmp_path))
+    assert not (tmp_path / "again" / "product_review").exists(), "refused before anything was written"
+
+
 def test_lambda_zero_flythinker_predicts_what_sft_predicts(tmp_path):
     methods = [MethodConfig(method="sft"), MethodConfig(method="flythinker", lam=0.0)]
     run_experiment(small_config(tmp_path, methods, eval_limit=4))

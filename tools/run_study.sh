@@ -8,7 +8,7 @@
 #   nohup bash tools/run_study.sh seed1 > runs/study.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGES=(remedies stage1 capacity seed1 variants shared baselines capacity_remedies rest)
+STAGES=(remedies stage1 capacity seed1 seed1_sampling variants shared baselines capacity_remedies rest)
 FROM=${1:-${STAGES[0]}}
 if [[ ! " ${STAGES[*]} " == *" $FROM "* ]]; then
   echo "unknown stage '$FROM'; the stages, in order: ${STAGES[*]}" >&2
@@ -63,6 +63,10 @@ stage stage1 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1
 stage capacity "$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml --training.lr "$LR"
 # 5. Stage 4 (configs/studies/seed1.yaml): a second seed for product_review's SFT and projections.
 stage seed1 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.yaml --training.lr "$LR"
+# 5b. Stage 4b (configs/studies/seed1_sampling.yaml): stage 4's checkpoints decoded with the
+#    published sampling (read in place, not retrained).
+stage seed1_sampling "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.yaml \
+  --config configs/studies/seed1_sampling.yaml --training.lr "$LR"
 # 6. Stage 5 (configs/studies/variants.yaml): the zero gate, the lambda warm-up and the random
 #    projection on 64 abstracts, each with its validation curve and best weights.
 stage variants "$FLYTHINKER" run --config "$STUDY" --config configs/studies/variants.yaml --training.lr "$LR"

@@ -104,6 +104,10 @@ class RunConfig:
         span_tokens: Width of the position-sensitive evaluation's spans, in whitespace tokens.
         dtype: Weight dtype of every model.
         seed: Seed of retrieval sampling and training.
+        checkpoints_from: An earlier run directory whose trained rows this run decodes again
+            instead of retraining them (for example the published sampling next to a greedy run).
+            Each trained row must be finished there, with the same settings except generation;
+            checkpoints are read in place, not copied.
     """
 
     out: str = "runs/experiment"
@@ -116,6 +120,7 @@ class RunConfig:
     span_tokens: int = 100
     dtype: str = "float32"
     seed: int = 0
+    checkpoints_from: str = ""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -135,6 +140,8 @@ class RunConfig:
             )
         if self.decode_batch_size < 1:
             raise FlyThinkerError("decode_batch_size must be >= 1")
+        if self.checkpoints_from and Path(self.checkpoints_from).resolve() == Path(self.out).resolve():
+            raise FlyThinkerError("checkpoints_from is the run's own --out; name the earlier run's directory")
 
 
 def run_experiment(config: RunConfig) -> dict[str, Any]:
@@ -148,6 +155,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     for task in config.tasks:
         for method_config in config.methods:
             _check_settings(out / task.task / method_config.name, _settings(config, task, method_config))
+            _trained_elsewhere(config, task, method_config)
     with processes.main_first():
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +204,8 @@ def run_method(
     context = RunContext(task=task.task, budgets=config.budgets, dtype=config.dtype, work_dir=work, seed=config.seed,
                          processes=processes)
     method = make_method(method_config, context)
-    train_stats = _train_or_reuse(method, config, train_records, work, processes, validation_records)
+    trained = _trained_elsewhere(config, task, method_config) or work  # where the row was trained
+    train_stats = _train_or_reuse(method, config, train_records, trained, processes, validation_records)
 
     path = work / PREDICTIONS
     with processes.main_first():  # the main process repairs a torn last line before anyone reads
@@ -227,11 +236,11 @@ def run_method(
         metrics["heldout_loss"] = heldout_loss(method, config, eval_records, work)
         if validation_records:
             metrics["validation_loss"] = heldout_loss(method, config, validation_records, work, VALIDATION_LOSS)
-        curve = validation_curve(work / EVAL_LOG_NAME)
+        curve = validation_curve(trained / EVAL_LOG_NAME)
         if curve:
             metrics["validation_curve"] = curve
-        if read_best(work / BEST_DIR) is not None:  # last: it loads the kept weights into the model
-            metrics["heldout_loss_at_best"] = heldout_loss_at_best(method, config, eval_records, work)
+        if read_best(trained / BEST_DIR) is not None:  # last: it loads the kept weights into the model
+            metrics["heldout_loss_at_best"] = heldout_loss_at_best(method, config, eval_records, work, trained)
     metrics["efficiency"] = efficiency(rows, train_stats)
     metrics["method"] = to_plain(method_config)
     write_json(work / "metrics.json", metrics)
@@ -288,14 +297,19 @@ def validation_curve(eval_log: Path) -> list[list[float]]:
     return [[row["step"], row["loss"]] for row in read_eval_log(eval_log)]
 
 
-def heldout_loss_at_best(method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path) -> dict[str, Any]:
+def heldout_loss_at_best(
+    method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path, trained: Path | None = None
+) -> dict[str, Any]:
     """`heldout_loss` of the weights kept at the row's lowest validation loss
-    (``training.keep_best``): early stopping chosen on validation, judged on the evaluated records.
-    Loads those weights into the method's model (unless every record's loss is already saved)."""
-    best = read_best(work / BEST_DIR)
+    (``training.keep_best``, in ``trained``, the row's training directory: ``work`` unless
+    `checkpoints_from` names another): early stopping chosen on validation, judged on the
+    evaluated records. Loads those weights into the method's model (unless every record's loss is
+    already saved in ``work``)."""
+    best_dir = (trained or work) / BEST_DIR
+    best = read_best(best_dir)
     saved = work / HELDOUT_LOSS_AT_BEST
     if not (saved.is_file() and {r.id for r in records} <= json.loads(saved.read_text()).keys()):
-        load_best(method.model(), work / BEST_DIR)
+        load_best(method.model(), best_dir)
     return {**heldout_loss(method, config, records, work, HELDOUT_LOSS_AT_BEST),
             "step": best["step"], "validation_loss": best["loss"]}
 
@@ -336,20 +350,47 @@ _NOT_DECIDING = ("report_to", "log_every", "save_every", "keep_last", "resume", 
 
 
 def _check_settings(work: Path, settings: dict[str, Any]) -> None:
-    """Reuse a directory's results only if they were made with the same settings. A setting the
-    code gained since (absent from the saved ones) matches if it is at its default, which is what
-    those results were made with; so a long study survives a new option."""
+    """Reuse a directory's results only if they were made with the same settings."""
+    changed = _changed_settings(work, settings)
+    if changed:
+        raise FlyThinkerError(
+            f"{work} holds results made with other settings ({', '.join(changed)} changed); "
+            "use another --out, or delete that directory to redo it"
+        )
+
+
+def _changed_settings(work: Path, settings: dict[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+    """The top-level settings, other than ``ignore``, in which ``work``'s saved ones differ from
+    ``settings`` (none if nothing is saved). A setting the code gained since (absent from the saved
+    ones) matches if it is at its default, which is what those results were made with; so a long
+    study survives a new option."""
     path = work / SETTINGS
-    if path.is_file():
-        before = json.loads(path.read_text())
-        defaults = _default_settings()
-        changed = sorted(k for k in settings.keys() | before.keys()
-                         if not _same_settings(settings.get(k), before.get(k), defaults.get(k)))
-        if changed:
-            raise FlyThinkerError(
-                f"{work} holds results made with other settings ({', '.join(changed)} changed); "
-                "use another --out, or delete that directory to redo it"
-            )
+    if not path.is_file():
+        return []
+    before = json.loads(path.read_text())
+    defaults = _default_settings()
+    return sorted(k for k in settings.keys() | before.keys()
+                  if k not in ignore and not _same_settings(settings.get(k), before.get(k), defaults.get(k)))
+
+
+def _trained_elsewhere(config: RunConfig, task: TaskConfig, method_config: MethodConfig) -> Path | None:
+    """The row's directory in `RunConfig.checkpoints_from`, for a trained method (None without
+    one): finished there and trained with this run's settings, generation aside, or an error."""
+    if not config.checkpoints_from or not METHODS[method_config.method].trainable:
+        return None
+    source = Path(config.checkpoints_from) / task.task / method_config.name
+    if not ((source / "checkpoint").is_dir() and (source / TRAIN_STATS).is_file()):
+        raise FlyThinkerError(
+            f"checkpoints_from: {source} holds no finished checkpoint of row {method_config.name!r}; "
+            "finish that run first, or leave checkpoints_from empty to train here"
+        )
+    changed = _changed_settings(source, _settings(config, task, method_config), ignore=("generation",))
+    if changed:
+        raise FlyThinkerError(
+            f"checkpoints_from: {source} was trained with other settings ({', '.join(changed)} changed); "
+            "only generation settings may differ from the run that trained it"
+        )
+    return source
 
 
 def _same_settings(now: Any, before: Any, default: Any) -> bool:
@@ -499,6 +540,7 @@ def run_command(
     span_tokens: int = 100,
     dtype: str = "float32",
     seed: int = 0,
+    checkpoints_from: str = "",
 ) -> None:
     """Run a comparison: train what needs training, decode, evaluate, write tables and plots.
 
@@ -517,12 +559,14 @@ def run_command(
         span_tokens: Span width of the position-sensitive evaluation, in whitespace tokens.
         dtype: Weight dtype of every model (float32, bfloat16, float16).
         seed: Seed of retrieval sampling and training.
+        checkpoints_from: An earlier run directory whose trained rows are decoded again instead
+            of retrained (same settings except generation; e.g. sampling next to greedy).
     """
     from flythinker.evaluation.report import format_results
 
     config = RunConfig(out=out, tasks=tasks, methods=methods, training=training, generation=generation,
                        budgets=budgets, decode_batch_size=decode_batch_size, span_tokens=span_tokens,
-                       dtype=dtype, seed=seed)
+                       dtype=dtype, seed=seed, checkpoints_from=checkpoints_from)
     results = run_experiment(config)
     if results:  # the main process's; the others under `accelerate launch` return none
         print(format_results(results))

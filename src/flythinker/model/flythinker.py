@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from flythinker.config import SHARED_REASONER, FlyThinkerConfig
@@ -44,7 +44,7 @@ from flythinker.model.reasoners import (
     reasoner_class,
     with_prefix,
 )
-from flythinker.model.sources import DAMAGED, check_safetensors, first_line
+from flythinker.model.sources import DAMAGED, check_safetensors, first_line, saved_tokenizer_class
 
 CONFIG_NAME = "flythinker_config.json"
 
@@ -354,7 +354,7 @@ def _load_tokenizer(root: Path) -> PreTrainedTokenizerBase | None:
             raise FlyThinkerError(f"{root}: tokenizer files without tokenizer_config.json; save the tokenizer again")
         return None
     try:
-        return AutoTokenizer.from_pretrained(root)
+        return saved_tokenizer_class(root).from_pretrained(root)
     except DAMAGED as exc:
         raise FlyThinkerError(f"{root}: cannot load the tokenizer ({first_line(exc)})") from None
 

@@ -153,7 +153,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     path = Path(name).expanduser()
     if path.is_dir():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = saved_tokenizer_class(path).from_pretrained(path)
         except DAMAGED as exc:
             raise FlyThinkerError(f"{path}: cannot load the tokenizer ({first_line(exc)})") from None
     elif name in _ALIASES:
@@ -166,6 +166,22 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def saved_tokenizer_class(directory: Path) -> type:
+    """The class a directory's tokenizer was saved as, so that it loads back as it tokenized.
+    AutoTokenizer prefers the class of the model type in a config.json beside it: a generic
+    tokenizer (``TokenizersBackend``, as our tiny models' is) saved with a Qwen2 model would come
+    back as a Qwen2Tokenizer, which splits digits its own way (" 5" becomes two tokens) and so
+    encodes differently from what the checkpoint was trained on."""
+    import transformers
+
+    try:
+        saved = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        saved = None  # AutoTokenizer names what is missing or damaged
+    cls = getattr(transformers, saved, None) if isinstance(saved, str) else None
+    return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else AutoTokenizer
 
 
 def load_lm(directory: Path, dtype: str = "float32") -> PreTrainedModel:
