@@ -246,8 +246,11 @@ def single_process_run(tmp_path_factory) -> Path:
     return out
 
 
+# Weight tolerances: two processes sum gradients in another order than one batch does. Measured
+# under DDP: 1.0e-5 on one CPU model, less on another; a wrong loss normalisation or a missed
+# all-reduce moves weights by about the learning rate (3e-3) per step.
 @pytest.mark.parametrize(
-    ("engine", "tolerance"), [("ddp.yaml", 1e-5), pytest.param("deepspeed_zero3.yaml", 1e-4, marks=needs_deepspeed)]
+    ("engine", "tolerance"), [("ddp.yaml", 5e-5), pytest.param("deepspeed_zero3.yaml", 1e-4, marks=needs_deepspeed)]
 )
 def test_the_runner_under_two_processes_matches_one(tmp_path, single_process_run, engine, tolerance):
     """`accelerate launch -m flythinker run` on configs/tiny.yaml (every method): each trained
