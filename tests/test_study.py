@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -305,3 +306,59 @@ def test_diagnose_command_on_the_sample_before_and_after_training(tmp_path, caps
     assert main(["diagnose", "--data", "sample", "--task", "product_review", "--checkpoint", str(checkpoint),
                  "--limit", "2"]) == 0
     assert "signal off (lambda 0)" in capsys.readouterr().out
+
+
+def load_study_rows():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_rows", Path(__file__).parents[1] / "tools" / "study_rows.py")
+    study_rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_rows)
+    return study_rows
+
+
+def test_the_rouge_l_split_tells_a_longer_prediction_from_better_overlap():
+    from flythinker.evaluation.metrics import rouge_per_sample
+
+    reference = "the kettle boils fast and the handle stays cool while it pours"
+    baseline = {"a": {"reference": reference, "prediction": "the kettle boils fast"},
+                "b": {"reference": reference, "prediction": "a red lamp"}}
+    longer = {"a": {"reference": reference, "prediction": "the kettle boils fast and the handle stays cool"},
+              "b": {"reference": reference, "prediction": "a red lamp"}}
+    split = load_study_rows().rouge_l_split(baseline, longer)
+    assert split["recall"] > 0 and split["precision"] == pytest.approx(0.0)  # every added word is in the reference
+    assert split["words"] == pytest.approx(2.5)  # +5 words on one record of two
+    assert split["f_words_correlation"] == pytest.approx(1.0)
+    f = [rouge_per_sample([rows[k]["prediction"] for k in "ab"], [reference] * 2)["rougeL"] for rows in (baseline, longer)]
+    assert split["f"] == pytest.approx(sum(f[1]) / 2 - sum(f[0]) / 2)  # the reported metric's difference
+
+
+def test_study_rows_publishes_finished_rows(tmp_path, capsys):
+    """tools/study_rows.py, which publishes each stage of a long study: rows as the runner
+    reported them, paired rows, the ROUGE-L split and the curves."""
+    from dataclasses import replace
+
+    study_rows = load_study_rows()
+    config = small_config(tmp_path / "run", [MethodConfig(method="sft"), MethodConfig(method="flythinker")])
+    config = replace(config, tasks=[replace(config.tasks[0], validation=3)],
+                     training=replace(config.training, eval_every=1, keep_best=True))
+    results = run_experiment(config)["product_review"]
+    out = tmp_path / "published" / "results.json"
+    argv = ["study_rows", config.out, "product_review", str(out), "sft", "flythinker"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", argv)
+        assert study_rows.main() == 0
+    published = json.loads(out.read_text())
+    row = published["rows"]["flythinker"]
+    assert row["heldout_loss"] == pytest.approx(results["flythinker"]["heldout_loss"]["per_token"])
+    assert row["best_step"] == results["flythinker"]["heldout_loss_at_best"]["step"]
+    paired = {p["metric"]: p for p in published["paired_vs_sft"]}
+    split = published["rouge_l_split_vs_sft"]["flythinker"]
+    assert split["f"] == pytest.approx(paired["rougeL"]["difference"], abs=1e-9)
+    assert split["words"] == pytest.approx(row["prediction_words"] - published["rows"]["sft"]["prediction_words"])
+    assert (out.parent / "validation_curves.png").is_file()
+    # A row that has not finished is named, and nothing is written.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", [*argv[:3], str(tmp_path / "other.json"), "sft", "rag"])
+        assert study_rows.main() == 2
+    assert "has no metrics.json" in capsys.readouterr().err and not (tmp_path / "other.json").exists()

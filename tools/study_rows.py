@@ -1,8 +1,9 @@
 """Collect finished rows of one task of a `flythinker run` study into one JSON file: each row's
-metrics, held-out and validation loss, third-epoch training loss, validation curve and the
-held-out loss at its lowest point (rows trained with ``eval_every`` and ``keep_best``), and every row minus SFT on the same records (paired-bootstrap 95%
-intervals, `flythinker.evaluation.report.paired_rows`); the curves are drawn next to it
-(validation_curves.png).
+metrics, held-out and validation loss, third-epoch training loss, validation curve, the
+held-out loss at its lowest point (rows trained with ``eval_every`` and ``keep_best``) and mean
+prediction length; every row minus SFT on the same records (paired-bootstrap 95% intervals,
+`flythinker.evaluation.report.paired_rows`) and where its ROUGE-L difference comes from
+(precision, recall, length); the curves are drawn next to it (validation_curves.png).
 
 The runner writes its own report only when a whole invocation ends; this reads the row
 directories as they finish, so a study that spans sessions can publish each stage.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,6 +33,34 @@ def third_epoch_loss(log: Path) -> float | None:
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines() if line.strip()]
     last = losses[len(losses) * 2 // 3:]
     return sum(last) / len(last) if last else None
+
+
+def read_predictions(work: Path) -> dict[str, dict]:
+    rows = (json.loads(line) for line in (work / "predictions.jsonl").read_text().splitlines() if line.strip())
+    return {row["id"]: row for row in rows}
+
+
+def rouge_l_split(baseline: dict[str, dict], method: dict[str, dict]) -> dict[str, float]:
+    """Where a ROUGE-L difference from the baseline comes from: the mean per-record difference
+    of ROUGE-L precision, recall and F (the reported metric), of prediction length in words, and
+    the correlation of the F and length differences over records. Predictions far shorter than
+    their references gain recall, and so F, by being longer; this tells a length effect apart
+    from better overlap. Descriptive only (no interval)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)  # as the reported metric
+    diffs = []
+    for key, row in method.items():
+        a = scorer.score(row["reference"], baseline[key]["prediction"])["rougeL"]
+        b = scorer.score(row["reference"], row["prediction"])["rougeL"]
+        words = len(row["prediction"].split()) - len(baseline[key]["prediction"].split())
+        diffs.append((b.precision - a.precision, b.recall - a.recall, b.fmeasure - a.fmeasure, words))
+    columns = list(zip(*diffs))
+    f, words = columns[2], columns[3]
+    spread = statistics.pstdev(f) * statistics.pstdev(words)
+    correlation = statistics.correlation(f, words) if spread > 0 else 0.0
+    return {"precision": statistics.fmean(columns[0]), "recall": statistics.fmean(columns[1]),
+            "f": statistics.fmean(f), "words": statistics.fmean(words), "f_words_correlation": correlation}
 
 
 def main() -> int:
@@ -57,20 +87,28 @@ def main() -> int:
             "heldout_loss_at_best": metrics.get("heldout_loss_at_best", {}).get("per_token"),
             "best_step": metrics.get("heldout_loss_at_best", {}).get("step"),
             "n": metrics["n_samples"],
+            "prediction_words": statistics.fmean(
+                len(row["prediction"].split()) for row in read_predictions(work).values()),
         }
     paired = paired_rows({args.task: methods})
     if not paired:
         print("study_rows: no row to compare: the labels need an SFT row and one other", file=sys.stderr)
         return 2
+    baseline = paired[0]["baseline"]
+    predictions = {label: read_predictions(args.run_dir / args.task / label) for label in rows}
+    split = {label: rouge_l_split(predictions[baseline], predictions[label]) for label in rows if label != baseline}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"run_dir": str(args.run_dir), "task": args.task, "rows": rows,
-                                    "paired_vs_sft": paired}, indent=1) + "\n")
+                                    "paired_vs_sft": paired, "rouge_l_split_vs_sft": split}, indent=1) + "\n")
     if any(row["validation_curve"] for row in rows.values()):
         curves = {label: {"validation_curve": row["validation_curve"]} for label, row in rows.items()}
         plot_validation_curves({args.task: curves}, args.out.with_name("validation_curves.png"))
         print(f"written: {args.out.with_name('validation_curves.png')}")
     for p in paired:
         print(f"{p['method']:32} {p['metric']:13} {p['difference']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]")
+    for label, d in split.items():
+        print(f"{label:32} ROUGE-L minus SFT: precision {d['precision']:+.4f}, recall {d['recall']:+.4f}, "
+              f"F {d['f']:+.4f}; {d['words']:+.1f} words; correlation of F and length differences {d['f_words_correlation']:+.2f}")
     print(f"written: {args.out}")
     return 0
 
