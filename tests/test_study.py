@@ -362,3 +362,35 @@ def test_study_rows_publishes_finished_rows(tmp_path, capsys):
         patch.setattr("sys.argv", [*argv[:3], str(tmp_path / "other.json"), "sft", "rag"])
         assert study_rows.main() == 2
     assert "has no metrics.json" in capsys.readouterr().err and not (tmp_path / "other.json").exists()
+
+
+def test_pooled_seeds_average_each_records_difference_over_seeds(tmp_path, capsys):
+    """tools/pool_seeds.py: per record, the mean over seeds; so the pooled difference is the mean
+    of the seeds' differences, and its interval resamples records of the averaged scores."""
+    import importlib.util
+    from dataclasses import replace
+
+    spec = importlib.util.spec_from_file_location("pool_seeds", Path(__file__).parents[1] / "tools" / "pool_seeds.py")
+    pool_seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool_seeds)
+    base = small_config(tmp_path / "seed0", [MethodConfig(method="sft"), MethodConfig(method="flythinker")])
+    runs = {seed: replace(base, out=str(tmp_path / f"seed{seed}"), seed=seed) for seed in (0, 1)}
+    results = {seed: run_experiment(config)["product_review"] for seed, config in runs.items()}
+    out = tmp_path / "pooled.json"
+    argv = ["pool_seeds", "product_review", str(out), "--runs", *(c.out for c in runs.values()), "--labels", "sft", "flythinker"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", argv)
+        assert pool_seeds.main() == 0
+    pooled = {p["metric"]: p for p in json.loads(out.read_text())["paired_vs_sft_pooled_over_seeds"]}
+    per_seed = [r["flythinker"]["heldout_loss"]["per_token"] - r["sft"]["heldout_loss"]["per_token"] for r in results.values()]
+    assert per_seed[0] != pytest.approx(per_seed[1])  # the seeds differ, so the mean is a real test
+    assert pooled["heldout_loss"]["difference"] == pytest.approx(sum(per_seed) / 2)
+    assert pooled["heldout_loss"]["ci_low"] <= pooled["heldout_loss"]["difference"] <= pooled["heldout_loss"]["ci_high"]
+    rouge = [r["flythinker"]["metrics"]["rougeL"] - r["sft"]["metrics"]["rougeL"] for r in results.values()]
+    assert pooled["rougeL"]["difference"] == pytest.approx(sum(rouge) / 2)
+    # Runs evaluated on other records are not pooled.
+    run_experiment(replace(runs[1], out=str(tmp_path / "fewer"), tasks=[replace(base.tasks[0], eval_limit=2)]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", [*argv[:4], runs[0].out, str(tmp_path / "fewer"), "--labels", "sft", "flythinker"])
+        assert pool_seeds.main() == 2
+    assert "different records" in capsys.readouterr().err

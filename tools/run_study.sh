@@ -8,7 +8,7 @@
 #   nohup bash tools/run_study.sh seed1 > runs/study.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGES=(remedies stage1 capacity seed1 seed1_sampling variants shared baselines capacity_remedies rest)
+STAGES=(remedies stage1 capacity seed1 seed1_sampling seed0_review variants shared baselines capacity_remedies rest)
 FROM=${1:-${STAGES[0]}}
 if [[ ! " ${STAGES[*]} " == *" $FROM "* ]]; then
   echo "unknown stage '$FROM'; the stages, in order: ${STAGES[*]}" >&2
@@ -67,6 +67,9 @@ stage seed1 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.y
 #    published sampling (read in place, not retrained).
 stage seed1_sampling "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.yaml \
   --config configs/studies/seed1_sampling.yaml --training.lr "$LR"
+# 5c. Stage 4c (configs/studies/seed0_review.yaml): stage 1's seed-0 review rows (SFT, scale 10)
+#    again, to pool with seed 1 (tools/pool_seeds.py); stage 1 reuses them.
+stage seed0_review "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed0_review.yaml --training.lr "$LR"
 # 6. Stage 5 (configs/studies/variants.yaml): the zero gate, the lambda warm-up and the random
 #    projection on 64 abstracts, each with its validation curve and best weights.
 stage variants "$FLYTHINKER" run --config "$STUDY" --config configs/studies/variants.yaml --training.lr "$LR"
