@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from test_run import small_config
 
-from flythinker.commands.run import TaskConfig, _load, run_experiment
+from flythinker.commands.run import TaskConfig, load_split, run_experiment
 from flythinker.config import GenerationConfig
 from flythinker.data.collate import Example, collate, encode
 from flythinker.errors import FlyThinkerError
@@ -165,11 +165,11 @@ def test_bad_repetition_settings_are_named(bad):
 
 def test_validation_is_carved_from_the_end_of_train_and_never_overlaps():
     task = TaskConfig(task="product_review", data="sample", validation=3)
-    whole = _load(TaskConfig(task="product_review", data="sample"), "train", 0)
-    train, validation = _load(task, "train", 0), _load(task, "validation", 0)
+    whole = load_split(TaskConfig(task="product_review", data="sample"), "train", 0)
+    train, validation = load_split(task, "train", 0), load_split(task, "validation", 0)
     assert [r.id for r in train] == [r.id for r in whole[:-3]]
     assert [r.id for r in validation] == [r.id for r in whole[-3:]]
-    assert _load(task, "test", 0) == _load(TaskConfig(task="product_review", data="sample"), "test", 0)
+    assert load_split(task, "test", 0) == load_split(TaskConfig(task="product_review", data="sample"), "test", 0)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_bad_splits_are_named(settings, message):
 
 def test_validation_larger_than_train_is_named():
     with pytest.raises(FlyThinkerError, match="nothing would be left"):
-        _load(TaskConfig(task="product_review", data="sample", validation=10_000), "train", 0)
+        load_split(TaskConfig(task="product_review", data="sample", validation=10_000), "train", 0)
 
 
 @pytest.mark.parametrize(
@@ -233,7 +233,7 @@ def test_a_run_evaluated_on_test_also_reports_validation_loss_for_choosing_setti
     assert curve[-1]["loss"] == pytest.approx(validation["per_token"], rel=1e-5)
     assert results["sft"]["validation_curve"] == [[row["step"], row["loss"]] for row in curve]
     assert (tmp_path / "plots" / "validation_curves.png").stat().st_size > 0
-    held_out_ids = [r.id for r in _load(config.tasks[0], "validation", 0)]
+    held_out_ids = [r.id for r in load_split(config.tasks[0], "validation", 0)]
     assert validation["per_sample"]["id"] == held_out_ids  # the carved records, not test's
     assert validation["per_sample"]["id"] != results["sft"]["heldout_loss"]["per_sample"]["id"]
     assert validation["per_token"] > 0 and validation["per_token"] != results["sft"]["heldout_loss"]["per_token"]
@@ -394,3 +394,28 @@ def test_pooled_seeds_average_each_records_difference_over_seeds(tmp_path, capsy
         patch.setattr("sys.argv", [*argv[:4], runs[0].out, str(tmp_path / "fewer"), "--labels", "sft", "flythinker"])
         assert pool_seeds.main() == 2
     assert "different records" in capsys.readouterr().err
+
+
+def test_target_calibration_loss_is_the_runners_held_out_loss(tmp_path, capsys):
+    """tools/target_calibration.py reads a run's rows back from their checkpoints: its loss per
+    target token must be the runner's held-out loss (same records, encoding and weights)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("target_calibration", Path(__file__).parents[1] / "tools" / "target_calibration.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = small_config(tmp_path / "run", [MethodConfig(method="sft"), MethodConfig(method="flythinker")])
+    results = run_experiment(config)["product_review"]
+    out = tmp_path / "calibration.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["target_calibration", config.out, "product_review", "sft", "flythinker", "--out", str(out)])
+        assert tool.main() == 0
+    rows = json.loads(out.read_text())["rows"]
+    for label in ("sft", "flythinker"):
+        assert rows[label]["nll"] == pytest.approx(results[label]["heldout_loss"]["per_token"], rel=1e-5)
+        assert rows[label]["tokens"] == results[label]["heldout_loss"]["tokens"]
+        assert 0 < rows[label]["top_probability"] <= 1 and 0 <= rows[label]["top_is_reference"] <= 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["target_calibration", config.out, "product_review", "rag"])
+        assert tool.main() == 2
+    assert "holds no trained checkpoint" in capsys.readouterr().err

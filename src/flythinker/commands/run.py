@@ -165,9 +165,9 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
             raise FlyThinkerError(f"cannot write to run directory {out}: {exc.strerror}") from exc
     results: dict[str, Any] = {}
     for task in config.tasks:
-        train_records = _load(task, task.train_split, task.train_limit) if _any_trainable(config) else []
-        eval_records = _load(task, task.eval_split, task.eval_limit)
-        validation_records = _load(task, "validation", 0) if _reports_validation(task) else []
+        train_records = load_split(task, task.train_split, task.train_limit) if _any_trainable(config) else []
+        eval_records = load_split(task, task.eval_split, task.eval_limit)
+        validation_records = load_split(task, "validation", 0) if _reports_validation(task) else []
         for method_config in config.methods:
             _say(processes, f"== {task.task} / {method_config.name}")
             metrics = run_method(config, task, method_config, train_records, eval_records, validation_records, processes)
@@ -494,7 +494,9 @@ def append_rows(path: Path, rows: Sequence[PredictionRow]) -> None:
         os.fsync(f.fileno())
 
 
-def _load(task: TaskConfig, split: str, limit: int) -> list[LongLaMPRecord]:
+def load_split(task: TaskConfig, split: str, limit: int) -> list[LongLaMPRecord]:
+    """The records of ``split`` as the runner uses them (``validation`` carved from train, see
+    `TaskConfig.validation`); the first ``limit`` (0: all)."""
     source = sample_data_path() if task.data == "sample" else task.data or None
     if not task.validation:
         records = list(load_longlamp(task.task, split, source=source, limit=limit or None, setting=task.setting))
