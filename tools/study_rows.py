@@ -29,7 +29,10 @@ TEXT_METRICS = ("rouge1", "rougeL", "meteor", "bleu")
 
 
 def third_epoch_loss(log: Path) -> float | None:
-    """Mean training loss over the last third of the logged steps (the third of three epochs)."""
+    """Mean training loss over the last third of the logged steps (the third of three epochs);
+    None for a row without a log (decoded from another run's checkpoint: `checkpoints_from`)."""
+    if not log.is_file():
+        return None
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines() if line.strip()]
     last = losses[len(losses) * 2 // 3:]
     return sum(last) / len(last) if last else None
