@@ -357,6 +357,16 @@ def test_study_rows_publishes_finished_rows(tmp_path, capsys):
     assert split["f"] == pytest.approx(paired["rougeL"]["difference"], abs=1e-9)
     assert split["words"] == pytest.approx(row["prediction_words"] - published["rows"]["sft"]["prediction_words"])
     assert (out.parent / "validation_curves.png").is_file()
+    # Rows decoded again from those checkpoints (checkpoints_from) have no training log of their own.
+    sampled = replace(config, out=str(tmp_path / "sampled"), checkpoints_from=config.out,
+                      generation=GenerationConfig(max_new_tokens=8, do_sample=True))
+    run_experiment(sampled)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["study_rows", sampled.out, "product_review", str(tmp_path / "s.json"), "sft", "flythinker"])
+        assert study_rows.main() == 0
+    again = json.loads((tmp_path / "s.json").read_text())["rows"]["flythinker"]
+    assert again["train_loss_third_epoch_mean"] is None
+    assert again["heldout_loss"] == pytest.approx(row["heldout_loss"], rel=1e-6)
     # A row that has not finished is named, and nothing is written.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("sys.argv", [*argv[:3], str(tmp_path / "other.json"), "sft", "rag"])
