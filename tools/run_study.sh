@@ -15,11 +15,16 @@ if [[ ! " ${STAGES[*]} " == *" $FROM "* ]]; then
   exit 2
 fi
 started=false
-# Runs its command unless the stage comes before the one asked to start at.
+# `stage NAME [FILE ...]`: the study with configs/studies/FILE.yaml stacked on it, in order, at the
+# learning rate chosen below; skipped if the stage comes before the one asked to start at.
 stage() {
   local name=$1; shift
   if [ "$name" = "$FROM" ]; then started=true; fi
-  if $started; then echo "== stage $name"; "$@"; else echo "== stage $name skipped"; fi
+  if ! $started; then echo "== stage $name skipped"; return; fi
+  echo "== stage $name"
+  local configs=(--config "$STUDY")
+  for file in "$@"; do configs+=(--config "configs/studies/$file.yaml"); done
+  "$FLYTHINKER" run "${configs[@]}" --training.lr "$LR"
 }
 FLYTHINKER=${FLYTHINKER:-.venv/bin/flythinker}
 STUDY=configs/studies/start_at_sft.yaml
@@ -55,30 +60,28 @@ echo "== learning rate chosen on validation: $LR"
 
 # 2. Stage 2 first (configs/studies/remedies.yaml): a frozen reasoner and signal dropout, the two
 #    remedies for the overfitting stage 1 found (abstracts, 64 records; SFT and scale 10 reused).
-stage remedies "$FLYTHINKER" run --config "$STUDY" --config configs/studies/remedies.yaml --training.lr "$LR"
+stage remedies remedies
 # 3. Stage 1 (configs/studies/stage1.yaml): SFT and the zero projection at scales 10 and 30, both tasks.
-stage stage1 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/stage1.yaml --training.lr "$LR"
+stage stage1 stage1
 # 4. Stage 3 (configs/studies/capacity.yaml): every training record outside validation (abstracts),
 #    SFT and the scale-10 projection, with validation curves and the weights of their lowest point.
-stage capacity "$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml --training.lr "$LR"
+stage capacity capacity
 # 5. Stage 4 (configs/studies/seed1.yaml): a second seed for product_review's SFT and projections.
-stage seed1 "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.yaml --training.lr "$LR"
+stage seed1 seed1
 # 5b. Stage 4b (configs/studies/seed1_sampling.yaml): stage 4's checkpoints decoded with the
 #    published sampling (read in place, not retrained).
-stage seed1_sampling "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed1.yaml \
-  --config configs/studies/seed1_sampling.yaml --training.lr "$LR"
+stage seed1_sampling seed1 seed1_sampling
 # 5c. Stage 4c (configs/studies/seed0_review.yaml): stage 1's seed-0 review rows (SFT, scale 10)
 #    again, to pool with seed 1 (tools/pool_seeds.py); stage 1 reuses them.
-stage seed0_review "$FLYTHINKER" run --config "$STUDY" --config configs/studies/seed0_review.yaml --training.lr "$LR"
+stage seed0_review seed0_review
 # 6. Stage 5 (configs/studies/variants.yaml): the zero gate, the lambda warm-up and the random
 #    projection on 64 abstracts, each with its validation curve and best weights.
-stage variants "$FLYTHINKER" run --config "$STUDY" --config configs/studies/variants.yaml --training.lr "$LR"
+stage variants variants
 # 7. Stage 6 (configs/studies/shared.yaml): FlyThinker-shared, adapters on every linear layer and on q/v.
-stage shared "$FLYTHINKER" run --config "$STUDY" --config configs/studies/shared.yaml --training.lr "$LR"
+stage shared shared
 # 8. Stage 7 (configs/studies/baselines.yaml): non-personalized, RAG, CoT and Coconut at the same budget.
-stage baselines "$FLYTHINKER" run --config "$STUDY" --config configs/studies/baselines.yaml --training.lr "$LR"
+stage baselines baselines
 # 9. Stage 3b (configs/studies/capacity_remedies.yaml): stage 2's remedies with 160 abstracts.
-stage capacity_remedies "$FLYTHINKER" run --config "$STUDY" --config configs/studies/capacity.yaml \
-  --config configs/studies/capacity_remedies.yaml --training.lr "$LR"
+stage capacity_remedies capacity capacity_remedies
 # 10. Every other row (earlier stages' rows are reused).
-stage rest "$FLYTHINKER" run --config "$STUDY" --training.lr "$LR"
+stage rest
