@@ -321,15 +321,13 @@ def test_the_rouge_l_split_tells_a_longer_prediction_from_better_overlap():
     from flythinker.evaluation.metrics import rouge_per_sample
 
     reference = "the kettle boils fast and the handle stays cool while it pours"
-    baseline = {"a": {"reference": reference, "prediction": "the kettle boils fast"},
-                "b": {"reference": reference, "prediction": "a red lamp"}}
-    longer = {"a": {"reference": reference, "prediction": "the kettle boils fast and the handle stays cool"},
-              "b": {"reference": reference, "prediction": "a red lamp"}}
-    split = load_study_rows().rouge_l_split(baseline, longer)
+    baseline = {"a": "the kettle boils fast", "b": "a red lamp"}
+    longer = {"a": "the kettle boils fast and the handle stays cool", "b": "a red lamp"}
+    split = load_study_rows().rouge_l_split([reference] * 2, list(baseline.values()), list(longer.values()))
     assert split["recall"] > 0 and split["precision"] == pytest.approx(0.0)  # every added word is in the reference
     assert split["words"] == pytest.approx(2.5)  # +5 words on one record of two
     assert split["f_words_correlation"] == pytest.approx(1.0)
-    f = [rouge_per_sample([rows[k]["prediction"] for k in "ab"], [reference] * 2)["rougeL"] for rows in (baseline, longer)]
+    f = [rouge_per_sample([rows[k] for k in "ab"], [reference] * 2)["rougeL"] for rows in (baseline, longer)]
     assert split["f"] == pytest.approx(sum(f[1]) / 2 - sum(f[0]) / 2)  # the reported metric's difference
 
 

@@ -20,9 +20,10 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from flythinker.commands.run import validation_curve
+from flythinker.commands.run import read_predictions, validation_curve
 from flythinker.evaluation.report import paired_rows, plot_validation_curves
 
 TEXT_METRICS = ("rouge1", "rougeL", "meteor", "bleu")
@@ -38,12 +39,7 @@ def third_epoch_loss(log: Path) -> float | None:
     return sum(last) / len(last) if last else None
 
 
-def read_predictions(work: Path) -> dict[str, dict]:
-    rows = (json.loads(line) for line in (work / "predictions.jsonl").read_text().splitlines() if line.strip())
-    return {row["id"]: row for row in rows}
-
-
-def rouge_l_split(baseline: dict[str, dict], method: dict[str, dict]) -> dict[str, float]:
+def rouge_l_split(references: Sequence[str], baseline: Sequence[str], method: Sequence[str]) -> dict[str, float]:
     """Where a ROUGE-L difference from the baseline comes from: the mean per-record difference
     of ROUGE-L precision, recall and F (the reported metric), of prediction length in words, and
     the correlation of the F and length differences over records. Predictions far shorter than
@@ -53,10 +49,10 @@ def rouge_l_split(baseline: dict[str, dict], method: dict[str, dict]) -> dict[st
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)  # as the reported metric
     diffs = []
-    for key, row in method.items():
-        a = scorer.score(row["reference"], baseline[key]["prediction"])["rougeL"]
-        b = scorer.score(row["reference"], row["prediction"])["rougeL"]
-        words = len(row["prediction"].split()) - len(baseline[key]["prediction"].split())
+    for reference, before, after in zip(references, baseline, method, strict=True):
+        a = scorer.score(reference, before)["rougeL"]
+        b = scorer.score(reference, after)["rougeL"]
+        words = len(after.split()) - len(before.split())
         diffs.append((b.precision - a.precision, b.recall - a.recall, b.fmeasure - a.fmeasure, words))
     columns = list(zip(*diffs))
     f, words = columns[2], columns[3]
@@ -73,7 +69,7 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("labels", nargs="+")
     args = parser.parse_args()
-    methods, rows = {}, {}
+    methods, rows, predictions = {}, {}, {}
     for label in args.labels:
         work = args.run_dir / args.task / label
         if not (work / "metrics.json").is_file():
@@ -81,6 +77,7 @@ def main() -> int:
             return 2
         metrics = json.loads((work / "metrics.json").read_text())
         methods[label] = metrics
+        predictions[label] = read_predictions(work)
         rows[label] = {
             "metrics": {k: metrics["metrics"][k] for k in TEXT_METRICS},
             "heldout_loss": metrics.get("heldout_loss", {}).get("per_token"),
@@ -90,16 +87,17 @@ def main() -> int:
             "heldout_loss_at_best": metrics.get("heldout_loss_at_best", {}).get("per_token"),
             "best_step": metrics.get("heldout_loss_at_best", {}).get("step"),
             "n": metrics["n_samples"],
-            "prediction_words": statistics.fmean(
-                len(row["prediction"].split()) for row in read_predictions(work).values()),
+            "prediction_words": statistics.fmean(len(row.prediction.split()) for row in predictions[label].values()),
         }
     paired = paired_rows({args.task: methods})
     if not paired:
         print("study_rows: no row to compare: the labels need an SFT row and one other", file=sys.stderr)
         return 2
     baseline = paired[0]["baseline"]
-    predictions = {label: read_predictions(args.run_dir / args.task / label) for label in rows}
-    split = {label: rouge_l_split(predictions[baseline], predictions[label]) for label in rows if label != baseline}
+    ids = list(predictions[baseline])
+    references = [predictions[baseline][i].reference for i in ids]
+    texts = {label: [by_id[i].prediction for i in ids] for label, by_id in predictions.items()}
+    split = {label: rouge_l_split(references, texts[baseline], texts[label]) for label in rows if label != baseline}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"run_dir": str(args.run_dir), "task": args.task, "rows": rows,
                                     "paired_vs_sft": paired, "rouge_l_split_vs_sft": split}, indent=1) + "\n")

@@ -22,7 +22,7 @@ import yaml
 
 from flythinker.commands.run import TaskConfig, load_split
 from flythinker.config import TrainConfig
-from flythinker.data.collate import collate, encode
+from flythinker.data.collate import collate
 from flythinker.data.prompts import PromptBudgets
 from flythinker.methods import MethodConfig, RunContext, make_method
 from flythinker.model.decoding import position_ids_from_mask
@@ -72,12 +72,8 @@ def main() -> int:
         context = RunContext(task=args.task, budgets=budgets, dtype=run["dtype"], work_dir=work, seed=run["seed"])
         method = make_method(MethodConfig(**rows[label]), context)
         method.build(work / "checkpoint")
-        tokenizer = method.tokenizer
-        encoded = [encode(tokenizer, e, training.max_prompt_tokens, training.max_target_tokens)
-                   for e in method.examples(records, for_training=True)]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model = method.model().eval()
-        figures[label] = calibration(model, encoded, pad, run["decode_batch_size"])
+        encoded = list(method.encoded_targets(records, training).values())
+        figures[label] = calibration(method.model().eval(), encoded, method.pad_token_id, run["decode_batch_size"])
         f = figures[label]
         print(f"{label:32} loss {f['nll']:.4f}  entropy {f['entropy']:.4f}  top-1 probability "
               f"{f['top_probability']:.4f}  top-1 is the reference {f['top_is_reference']:.4f}  ({f['tokens']} tokens)")

@@ -298,14 +298,14 @@ def validation_curve(eval_log: Path) -> list[list[float]]:
 
 
 def heldout_loss_at_best(
-    method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path, trained: Path | None = None
+    method: Method, config: RunConfig, records: Sequence[LongLaMPRecord], work: Path, trained: Path
 ) -> dict[str, Any]:
     """`heldout_loss` of the weights kept at the row's lowest validation loss
     (``training.keep_best``, in ``trained``, the row's training directory: ``work`` unless
     `checkpoints_from` names another): early stopping chosen on validation, judged on the
     evaluated records. Loads those weights into the method's model (unless every record's loss is
     already saved in ``work``)."""
-    best_dir = (trained or work) / BEST_DIR
+    best_dir = trained / BEST_DIR
     best = read_best(best_dir)
     saved = work / HELDOUT_LOSS_AT_BEST
     if not (saved.is_file() and {r.id for r in records} <= json.loads(saved.read_text()).keys()):

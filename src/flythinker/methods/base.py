@@ -25,7 +25,7 @@ from flythinker.config import (
     TrainConfig,
     require,
 )
-from flythinker.data.collate import Example, encode, encode_prompts
+from flythinker.data.collate import Encoded, Example, encode, encode_prompts
 from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.data.prompts import PromptBudgets, PromptStyle, records_to_examples
 from flythinker.data.retrieval import RETRIEVERS, make_retriever
@@ -195,18 +195,28 @@ class Method(ABC):
                       batch_size: int) -> dict[str, tuple[float, int]]:
         """``{id: (summed cross-entropy, target tokens)}`` over target + EOS, each record's prompt
         and target encoded exactly as training encodes them."""
-        assert self.tokenizer is not None, "build() first"
         model = self.model()
         was_training = model.training
         model.eval()
-        examples = self.examples(records, for_training=True)
-        encoded = [encode(self.tokenizer, e, config.max_prompt_tokens, config.max_target_tokens) for e in examples]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        encoded = self.encoded_targets(records, config)
         try:
-            pairs = teacher_forced_losses(model, encoded, pad, batch_size, next(model.parameters()).device)
+            pairs = teacher_forced_losses(model, list(encoded.values()), self.pad_token_id, batch_size,
+                                          next(model.parameters()).device)
         finally:
             model.train(was_training)
-        return {example.id: pair for example, pair in zip(examples, pairs, strict=True)}
+        return dict(zip(encoded, pairs, strict=True))
+
+    def encoded_targets(self, records: Sequence[LongLaMPRecord], config: TrainConfig) -> dict[str, Encoded]:
+        """``{id: prompt + target + EOS}`` of each record, encoded exactly as training encodes them."""
+        assert self.tokenizer is not None, "build() first"
+        return {e.id: encode(self.tokenizer, e, config.max_prompt_tokens, config.max_target_tokens)
+                for e in self.examples(records, for_training=True)}
+
+    @property
+    def pad_token_id(self) -> int:
+        """What batches of this method's prompts are padded with (EOS where the tokenizer has no pad)."""
+        assert self.tokenizer is not None, "build() first"
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     # --- prediction ----------------------------------------------------------------------
     def predict(
