@@ -6,7 +6,10 @@ Everything here is offline and deterministic: the same seed always builds the sa
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,6 +38,31 @@ PROMPTS = [
     "Hi",
     "An abstract about direction-of-arrival estimation with sparse arrays, please.",
 ]
+
+
+_OWN_EXTENSIONS_DIR: str | None = None
+
+
+def pytest_configure(config):
+    """A torch-extensions directory of this test session's own (one ~20 s build of DeepSpeed's op).
+
+    DeepSpeed's CPU tests JIT-build its shared-memory allreduce op under a file lock in
+    TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). A build killed part-way (an earlier
+    run interrupted) leaves the lock behind, and every later build then waits on it in silence:
+    that hung all three ZeRO-3 tests once (measured: a 0-byte `lock` left by a killed run). Set
+    here, before any test module builds its subprocess environment, so they all inherit it; a
+    directory the user named is respected.
+    """
+    global _OWN_EXTENSIONS_DIR
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        _OWN_EXTENSIONS_DIR = tempfile.mkdtemp(prefix="flythinker-test-extensions-")
+        os.environ["TORCH_EXTENSIONS_DIR"] = _OWN_EXTENSIONS_DIR
+
+
+def pytest_unconfigure(config):
+    if _OWN_EXTENSIONS_DIR is not None:
+        shutil.rmtree(_OWN_EXTENSIONS_DIR, ignore_errors=True)
+        del os.environ["TORCH_EXTENSIONS_DIR"]
 
 
 @pytest.fixture(scope="session")
