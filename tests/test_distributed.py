@@ -330,3 +330,27 @@ def test_fsdp_on_a_machine_without_a_gpu_is_refused_not_replaced(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FlyThinkerError, match="FSDP through `accelerate launch` needs GPUs"):
         make_accelerator(TrainConfig())
+
+
+def test_a_build_lock_left_by_a_killed_build_is_named_before_deepspeed_waits_on_it(tmp_path, monkeypatch, caplog):
+    """torch's JIT build of DeepSpeed's op waits forever on a lock a killed build left (it hung CI):
+    an old lock is named with what to do; a fresh one (a build running now) is left alone."""
+    import logging
+
+    from flythinker.training import engines
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    left = tmp_path / "deepspeed_shm_comm" / "lock"
+    left.parent.mkdir()
+    left.touch()
+    building = tmp_path / "another_op" / "lock"
+    building.parent.mkdir()
+    building.touch()
+    hour_ago = time.time() - 3600
+    os.utime(left, (hour_ago, hour_ago))
+
+    assert engines.stale_build_locks() == [left]
+    with caplog.at_level(logging.WARNING, logger=engines.__name__):
+        engines.warn_on_stale_build_locks()
+    assert str(left) in caplog.text and "Delete it" in caplog.text
+    assert str(building) not in caplog.text

@@ -19,9 +19,12 @@ accelerate by itself is set here:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -35,6 +38,34 @@ _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 TRACKING_DIR = "tracking"
+
+log = logging.getLogger(__name__)
+
+# torch builds a JIT extension (DeepSpeed's ops: on CPUs its shared-memory allreduce, ~20 s) under a
+# `lock` file it creates and deletes itself; a build killed part-way leaves the file, and every later
+# build of that op then waits on it forever without a word (measured: it hung CI's ZeRO-3 runs). A
+# build takes seconds to minutes, so a lock this old is left over.
+STALE_BUILD_LOCK_S = 600.0
+
+
+def stale_build_locks(now: float | None = None) -> list[Path]:
+    """Build locks under the torch-extensions directory older than `STALE_BUILD_LOCK_S`."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time() if now is None else now
+    # <root>/<extension>/lock with TORCH_EXTENSIONS_DIR set, <root>/<python>_<device>/<extension>/lock without.
+    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]
+    return sorted(lock for lock in locks if now - lock.stat().st_mtime > STALE_BUILD_LOCK_S)
+
+
+def warn_on_stale_build_locks() -> None:
+    for lock in stale_build_locks():
+        log.warning(
+            "%s is a build lock left by an interrupted build (%.0f min old): DeepSpeed would wait on it "
+            "forever. Delete it unless a build of that op is running now.",
+            lock, (time.time() - lock.stat().st_mtime) / 60,
+        )
 
 
 @dataclass(frozen=True)
@@ -108,6 +139,8 @@ def _group_kwargs(launched: int) -> dict:
 def make_accelerator(config: TrainConfig) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     group = _group_kwargs(launched)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        warn_on_stale_build_locks()
     tracking = config.report_to != "none"
     if config.report_to == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; sync later
