@@ -7,7 +7,7 @@ records, puts both sources of noise into one interval: a difference that holds f
 shrinks towards zero. The runs must hold the same labels, evaluated on the same records.
 
 Usage: python tools/pool_seeds.py TASK OUT.json --runs RUN_DIR [RUN_DIR ...] --labels LABEL [LABEL ...]
-  e.g. python tools/pool_seeds.py product_review docs/results/start_at_sft/seeds_pooled.json \
+  e.g. python tools/pool_seeds.py product_review docs/results/start_at_sft/seeds_pooled/results.json \\
            --runs runs/study-start-at-sft runs/study-seed1 --labels sft flythinker-zero-linear-x10
 The first label run by the SFT method is the baseline.
 """
@@ -42,11 +42,11 @@ def pooled_row(rows: list[dict]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task")
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--runs", type=Path, nargs="+", required=True)
-    parser.add_argument("--labels", nargs="+", required=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", help="a LongLaMP task the runs share, e.g. product_review")
+    parser.add_argument("out", type=Path, help="the JSON file to write")
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run directories, one per seed")
+    parser.add_argument("--labels", nargs="+", required=True, help="the rows to pool; SFT's among them")
     args = parser.parse_args()
     methods = {}
     for label in args.labels:

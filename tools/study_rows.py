@@ -9,7 +9,7 @@ The runner writes its own report only when a whole invocation ends; this reads t
 directories as they finish, so a study that spans sessions can publish each stage.
 
 Usage: python tools/study_rows.py RUN_DIR TASK OUT.json LABEL [LABEL ...]
-  e.g. python tools/study_rows.py runs/study-start-at-sft product_review \
+  e.g. python tools/study_rows.py runs/study-start-at-sft product_review \\
            docs/results/start_at_sft/product_review/results.json sft flythinker-zero-linear-x10
 The first row run by the SFT method is the baseline (it must be among the labels).
 """
@@ -63,11 +63,11 @@ def rouge_l_split(references: Sequence[str], baseline: Sequence[str], method: Se
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("task")
-    parser.add_argument("out", type=Path)
-    parser.add_argument("labels", nargs="+")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the run's directory (its `out`)")
+    parser.add_argument("task", help="a LongLaMP task of the run, e.g. product_review")
+    parser.add_argument("out", type=Path, help="the JSON file to write (the plot goes beside it)")
+    parser.add_argument("labels", nargs="+", help="the rows, by method label; SFT's among them")
     args = parser.parse_args()
     methods, rows, predictions = {}, {}, {}
     for label in args.labels:

@@ -51,10 +51,10 @@ def calibration(model: torch.nn.Module, encoded: list, pad_token_id: int, batch_
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("task")
-    parser.add_argument("labels", nargs="+")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the run's directory (its `out`)")
+    parser.add_argument("task", help="a LongLaMP task of the run, e.g. product_review")
+    parser.add_argument("labels", nargs="+", help="the trained rows, by method label")
     parser.add_argument("--limit", type=int, default=0, help="the first N evaluated records (0: all)")
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
