@@ -252,6 +252,28 @@ def test_a_resumed_run_continues_the_evaluation_curve_exactly(make_model, tokeni
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-6)
 
 
+def test_evaluations_during_a_lambda_warm_up_judge_the_model_at_its_full_lambda(make_model, tokenizer, tmp_path):
+    """The weights an evaluation judges (and keep_best keeps) are decoded at the full lambda, so the
+    curve measures them there, not at the warm-up's lambda of the moment: otherwise an early point
+    scored near lambda 0 looks like SFT and is kept, then decodes at full lambda far worse."""
+    held_out = copy_examples(4, seed=1)
+    encoded = [encode(tokenizer, e, 1550, 1000) for e in held_out]
+
+    def loss(model) -> float:
+        pairs = teacher_forced_losses(model.eval(), encoded, tokenizer.pad_token_id, 4, torch.device("cpu"))
+        return sum(t for t, _ in pairs) / sum(n for _, n in pairs)
+
+    model = make_model(lam=0.5, lam_warmup=1.0)
+    # lr this small leaves the weights where they are: every point must then read the same loss.
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4, lr=1e-12, eval_every=1)
+    train(model, tokenizer, copy_examples(8), config, save=False, show_progress=False, eval_examples=held_out)
+    full = loss(model)
+    model.set_training_step(0, 4)  # lambda 0: what a point scored at the warm-up's lambda would read
+    at_zero = loss(model)
+    assert abs(at_zero - full) > 1e-3  # the signal matters to this model, so the check below can fail
+    assert [r["loss"] for r in eval_rows(tmp_path)] == pytest.approx([full] * 5, rel=1e-5)
+
+
 def test_evaluating_without_evaluation_examples_is_a_clear_error(make_model, tokenizer, tmp_path):
     config = TrainConfig(output_dir=str(tmp_path), max_steps=1, eval_every=2)
     with pytest.raises(FlyThinkerError, match="eval_every needs evaluation examples"):

@@ -297,6 +297,7 @@ class TrainConfig:
             the teacher-forced loss per target token on the evaluation examples (the runner: the
             task's validation split), one line each in output_dir/eval_log.jsonl: the curve that
             shows when a run starts to overfit. 0 evaluates never. Changes nothing trained.
+            FlyThinker under a lambda warm-up is scored at its full lambda, as it decodes.
         keep_best: With eval_every, also keep the weights of the evaluation with the lowest loss
             (output_dir/best/: model.safetensors and best.json with its step and loss), so that
             early stopping can be judged on held-out data afterwards (the runner reports the

@@ -361,8 +361,15 @@ class _Loop:
         """Log the loss per target token on the evaluation examples at this step.
 
         Every process runs the same forwards (a sharded model needs all of them); no gradient,
-        dropout off, no random numbers drawn, so training continues exactly as without it.
+        dropout off, no random numbers drawn, so training continues exactly as without it. A
+        model with a schedule (FlyThinker's lambda warm-up) is judged at its schedule's end, as it
+        will decode: keep_best keeps these weights for decoding, so a point scored at the warm-up's
+        small lambda of the moment would look like SFT and decode far worse. The next step sets its
+        own schedule again.
         """
+        schedule = getattr(self.accelerator.unwrap_model(self.model), "set_training_step", None)
+        if schedule is not None:
+            schedule(self.plan.total_steps, self.plan.total_steps)
         self.model.eval()
         try:
             pairs = teacher_forced_losses(self.model, self.eval_encoded, self.pad_token_id, self.config.batch_size,
