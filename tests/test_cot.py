@@ -140,6 +140,12 @@ def test_final_text_is_what_follows_the_marker():
     assert split_answer("No marker at all.") == ("No marker at all.", 0)
     answer, offset = split_answer(f"Rationale only{ANSWER_MARKER}")
     assert answer.strip() == "" and offset == len(f"Rationale only{ANSWER_MARKER}")
+    # A model that went on with its analysis past the forced marker answers after its own marker;
+    # a marker after the answer with nothing behind it does not empty the answer.
+    text = f"Formal tone.{ANSWER_MARKER}Likes data.{ANSWER_MARKER}We study arrays.{ANSWER_MARKER}"
+    answer, offset = split_answer(text)
+    assert answer.strip() == "We study arrays."
+    assert text[offset:].startswith("We study arrays.")
 
 
 def test_time_to_first_token_is_taken_at_the_first_answer_token(tmp_path, tokenizer, monkeypatch):

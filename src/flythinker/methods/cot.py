@@ -81,17 +81,22 @@ def cot_target(rationale: str, target: str) -> str:
 
 
 def split_answer(text: str) -> tuple[str, int]:
-    """The answer after the first marker and the offset of its first non-blank character.
+    """The answer after the last marker that has text after it, and the offset of its first
+    non-blank character.
 
+    The last, not the first: a fine-tuned model whose analysis runs out of budget may ignore the
+    forced marker, finish its analysis and write a marker of its own before answering (measured:
+    6 of 40 abstracts); scoring after the first would score that leftover analysis as its answer.
     Without a marker the whole text is the answer from offset 0: it is what gets scored, and its
     first token is then the first answer token (a CoT model that skipped its analysis pays none).
     """
-    at = text.find(_MARKER_CORE)
-    if at < 0:
+    parts = text.split(_MARKER_CORE)
+    if len(parts) == 1:
         return text, 0
-    start = at + len(_MARKER_CORE)
-    rest = text[start:]
-    return rest, start + len(rest) - len(rest.lstrip())
+    last = next((i for i in range(len(parts) - 1, 0, -1) if parts[i].strip()), len(parts) - 1)
+    start = len(_MARKER_CORE.join(parts[:last])) + len(_MARKER_CORE)
+    answer = parts[last]
+    return answer, start + len(answer) - len(answer.lstrip())
 
 
 def rationale_steps(rationale: str) -> list[str]:
