@@ -48,12 +48,12 @@ log = logging.getLogger(__name__)
 STALE_BUILD_LOCK_S = 600.0
 
 
-def stale_build_locks(now: float | None = None) -> list[Path]:
+def stale_build_locks() -> list[Path]:
     """Build locks under the torch-extensions directory older than `STALE_BUILD_LOCK_S`."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    now = time.time() if now is None else now
+    now = time.time()
     # <root>/<extension>/lock with TORCH_EXTENSIONS_DIR set, <root>/<python>_<device>/<extension>/lock without.
     locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]
     return sorted(lock for lock in locks if now - lock.stat().st_mtime > STALE_BUILD_LOCK_S)
