@@ -2,7 +2,9 @@
 # One prepared GPU check (issues 7 and 14), for a CUDA machine with nothing downloaded:
 #   1. the environment (GPU, torch, transformers, peft) and that the package imports from src/;
 #   2. the invariant tests on CUDA (`pytest -m gpu`: overlap modes, FlyThinker-shared on CUDA,
-#      CUDA-graph replays and compiled graph replays against CPU decoding);
+#      CUDA-graph replays and compiled graph replays against CPU decoding, each start-at-SFT fusion
+#      exactly the generator at step 0 in bf16 and decoding staggered like its parallel forward,
+#      training under FSDP2 against one plain process);
 #   3. `flythinker bench` at Qwen2.5-3B (generator) / Qwen2.5-1.5B (reasoner) shapes in bf16,
 #      random weights, every overlap mode the machine has ("none", "streams"; "devices" with 2 GPUs),
 #      with CUDA graphs and with compiled steps replayed from graphs, at batch 1 (the compiled
@@ -14,7 +16,7 @@
 # Each part has its own time limit and a failing part does not stop the next; the exit status is
 # non-zero if any part failed. Everything goes to $OUT (or bench/out): gpu_check.log,
 # bench-graphs.json/.png, bench-compiled.json/.png, pytest_gpu.xml, kernel_profile.json.
-# Budget: under 8 minutes in all (part limits add to 480 s; the version without compiled steps
+# Budget: under 10 minutes in all (part limits add to 570 s; the version without compiled steps
 # took 4.5-5 min on an H100; compile time at these shapes is not yet measured: if bench-compiled
 # times out, its limit is what to raise).
 # Run from anywhere: bash bench/gpu_check.sh
@@ -47,10 +49,12 @@ part environment 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_ver
 print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.device_count(), \
 \"transformers\", transformers.__version__, \"peft\", peft.__version__)'"
 
-# Only the files whose tests are about decoding and the model: other test files may import
-# packages (rouge_score, nltk, ...) that this machine lacks.
-part tests-gpu 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT_DIR/pytest_gpu.xml" \
-  tests/test_decoding.py tests/test_shared.py tests/test_model.py tests/test_graphs.py tests/test_compile.py
+# The files with CUDA tests. test_fusion's and test_distributed's import the training and
+# evaluation code, and FSDP's launches `python -m flythinker train`: they need the package's
+# dependencies (jsonargparse, nltk, rouge_score, rank_bm25) installed on this machine.
+part tests-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT_DIR/pytest_gpu.xml" \
+  tests/test_decoding.py tests/test_shared.py tests/test_model.py tests/test_graphs.py tests/test_compile.py \
+  tests/test_fusion.py tests/test_distributed.py
 
 # Two benchmark runs, so that a slow compilation cannot cost the eager and graph figures: each
 # writes its JSON only when it ends. Every ratio is to SFT decoding (and training) the same way.

@@ -90,6 +90,37 @@ def test_save_load_round_trips_the_fusion(make_model, prompt_batch, tmp_path, op
     assert torch.equal(a, b)
 
 
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("option", list(START_AT_SFT))
+def test_step_zero_is_the_generator_on_cuda_in_bf16(make_model, prompt_batch, option):
+    # The CPU test above in fp32; here the kernels and the dtype a GPU user trains in. A zero
+    # gate or projection must add exact zeros, not a rounding of them.
+    model = make_model(lam=1.0, **START_AT_SFT[option]).to("cuda", torch.bfloat16)
+    model.set_training_step(0, 10)
+    ids, mask = prompt_batch.input_ids.cuda(), prompt_batch.attention_mask.cuda()
+    with torch.no_grad():
+        fused = model(ids, mask).logits
+        plain = model.generator(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    assert torch.equal(fused[mask.bool()], plain[mask.bool()])
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("option", list(START_AT_SFT))
+def test_staggered_decoding_matches_the_parallel_forward_on_cuda(make_model, prompt_batch, option):
+    model = make_model(lam=1.0, d_r=32, d_g=64, **START_AT_SFT[option])
+    perturb_fusion(model)
+    model.cuda()
+    batch = prompt_batch.to("cuda")
+    out = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=10, output_scores=True, eos_token_id=-1)
+    parallel = parallel_logits_at_decoded_positions(model, batch, out.sequences)
+    assert (parallel - torch.stack(out.scores, dim=1)).abs().max() <= 1e-4
+
+
 def test_a_checkpoint_missing_its_fusion_weights_is_refused(make_model, tmp_path):
     model = make_model(gate="vector")
     model.save_pretrained(tmp_path / "ckpt")

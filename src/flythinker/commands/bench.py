@@ -276,6 +276,8 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
             model = trainer.build()
             train_times[(trainer.method, mode)] = train_step_seconds(
                 model, settings, vocab, device, trainer.extra_tokens, compiled=compiled)
+            # Each figure as it comes: a run cut off by a time limit still leaves these in its log.
+            log.info("  %s (%s): %.3f s per training step", trainer.method, mode, train_times[(trainer.method, mode)])
             del model
             _free(device)
 
@@ -305,6 +307,8 @@ def run_bench(settings: BenchSettings, overlaps: list[str] | None = None, seed: 
         working = max(0, _peak(device) - before)
         raw[c.key]["peak_memory_mb"] = (module_bytes(*c.modules) + working) / 2**20
         raw[c.key]["first_call_warmup_ms"] = first.warmup * 1e3
+        log.info("  %s: first call %.0f ms (compilation and capture included), %.1f ms/token",
+                 "/".join(part for part in c.key if part), first.warmup * 1e3, first.per_token * 1e3)
 
     log.info("decode, batch 1")
     samples: dict[Key, dict[str, list[float]]] = {c.key: {} for c in contenders}
