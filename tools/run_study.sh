@@ -8,7 +8,7 @@
 #   nohup bash tools/run_study.sh seed1 > runs/study.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGES=(remedies stage1 capacity seed1 seed1_sampling seed0_review variants shared baselines capacity_remedies rest)
+STAGES=(remedies stage1 capacity seed1 seed1_sampling seed0_review variants shared baselines baselines_review capacity_remedies rest)
 FROM=${1:-${STAGES[0]}}
 if [[ ! " ${STAGES[*]} " == *" $FROM "* ]]; then
   echo "unknown stage '$FROM'; the stages, in order: ${STAGES[*]}" >&2
@@ -81,6 +81,13 @@ stage variants variants
 stage shared shared
 # 8. Stage 7 (configs/studies/baselines.yaml): non-personalized, RAG, CoT and Coconut at the same budget.
 stage baselines baselines
+# 8b. Stage 7b (configs/studies/baselines_review.yaml): the same baselines on product_review. Stage
+#    1's seed-0 SFT row is the same run: copied in rather than trained again, when it is at hand.
+if [ -f runs/study-start-at-sft/product_review/sft/metrics.json ] && [ ! -e runs/study-baselines/product_review/sft ]; then
+  mkdir -p runs/study-baselines/product_review
+  cp -r runs/study-start-at-sft/product_review/sft runs/study-baselines/product_review/sft
+fi
+stage baselines_review baselines baselines_review
 # 9. Stage 3b (configs/studies/capacity_remedies.yaml): stage 2's remedies with 160 abstracts.
 stage capacity_remedies capacity capacity_remedies
 # 10. Every other row (earlier stages' rows are reused).
