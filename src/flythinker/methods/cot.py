@@ -84,9 +84,12 @@ def split_answer(text: str) -> tuple[str, int]:
     """The answer after the last marker that has text after it, and the offset of its first
     non-blank character.
 
-    The last, not the first: a fine-tuned model whose analysis runs out of budget may ignore the
-    forced marker, finish its analysis and write a marker of its own before answering (measured:
-    6 of 40 abstracts); scoring after the first would score that leftover analysis as its answer.
+    The last, not the first: a fine-tuned model whose analysis runs out of budget may go on past
+    the forced marker and write a marker of its own before answering (measured: 6 of 40 abstracts).
+    What lies between the two markers is sometimes more analysis, sometimes already abstract-like
+    text; the model's own last marker is the one it answers after, and taking the last is how
+    answers are usually extracted. (On those 6 abstracts the first-marker rule scored higher: it
+    was fixed before that was seen, and the study reports both.)
     Without a marker the whole text is the answer from offset 0: it is what gets scored, and its
     first token is then the first answer token (a CoT model that skipped its analysis pays none).
     """
