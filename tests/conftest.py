@@ -22,6 +22,8 @@ from flythinker.model.sources import build_tiny, load_tokenizer
 
 # Small LongLaMP files in the hub's schema, one per task.
 LONGLAMP_FIXTURES = Path(__file__).parent / "fixtures" / "longlamp"
+# The CUDA tests (also marked `gpu`) skip cleanly on a machine without a GPU.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # A user, a query and a prompt for the server's tests.
 SERVE_PROFILE = [

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_graphs import NEW_TOKENS, decoders, requires_cuda, run
+from conftest import requires_cuda
+from test_graphs import NEW_TOKENS, decoders, run
 from torch._dynamo.utils import counters
 
 from flythinker.config import GenerationConfig

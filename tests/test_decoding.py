@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, parallel_logits_at_decoded_positions
+from conftest import PROMPTS, parallel_logits_at_decoded_positions, requires_cuda
 
 from flythinker.config import GenerationConfig
 from flythinker.errors import FlyThinkerError
@@ -153,9 +153,6 @@ def test_overlap_modes_check_their_devices(make_model, prompt_batch):
         model.generate(prompt_batch.input_ids, max_new_tokens=2, overlap="streams")
     with pytest.raises(FlyThinkerError, match="different devices"):
         model.generate(prompt_batch.input_ids, max_new_tokens=2, overlap="devices")
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.gpu

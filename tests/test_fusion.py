@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import parallel_logits_at_decoded_positions
+from conftest import parallel_logits_at_decoded_positions, requires_cuda
 from test_train import copy_examples
 
 from flythinker.config import FlyThinkerConfig, TrainConfig
@@ -90,9 +90,6 @@ def test_save_load_round_trips_the_fusion(make_model, prompt_batch, tmp_path, op
     assert torch.equal(a, b)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("option", list(START_AT_SFT))
@@ -101,11 +98,12 @@ def test_step_zero_is_the_generator_on_cuda_in_bf16(make_model, prompt_batch, op
     # gate or projection must add exact zeros, not a rounding of them.
     model = make_model(lam=1.0, **START_AT_SFT[option]).to("cuda", torch.bfloat16)
     model.set_training_step(0, 10)
-    ids, mask = prompt_batch.input_ids.cuda(), prompt_batch.attention_mask.cuda()
+    batch = prompt_batch.to("cuda")
     with torch.no_grad():
-        fused = model(ids, mask).logits
-        plain = model.generator(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-    assert torch.equal(fused[mask.bool()], plain[mask.bool()])
+        fused = model(batch.input_ids, batch.attention_mask).logits
+        plain = generator_logits(model, batch)
+    real = batch.attention_mask.bool()
+    assert torch.equal(fused[real], plain[real])
 
 
 @pytest.mark.gpu

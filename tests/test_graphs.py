@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import parallel_logits_at_decoded_positions
+from conftest import parallel_logits_at_decoded_positions, requires_cuda
 from test_shared import randomize_adapter
 
 from flythinker.config import GenerationConfig
@@ -24,7 +24,6 @@ from flythinker.model.sources import build_tiny
 
 NEW_TOKENS = 10
 PROMPTS_TWO = ["Write a review of the blue kettle.", "Hi"]
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def tiny_model(kind: str, make_model, tokenizer):

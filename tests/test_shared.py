@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, parallel_logits_at_decoded_positions
+from conftest import PROMPTS, parallel_logits_at_decoded_positions, requires_cuda
 from peft import PeftModel
 from test_train import copy_examples
 
@@ -26,7 +26,6 @@ from flythinker.model.sources import build_tiny
 from flythinker.training.train import train
 
 NEW_TOKENS = 10
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def randomize_adapter(model: FlyThinker, seed: int = 5) -> FlyThinker:
