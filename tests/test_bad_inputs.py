@@ -227,6 +227,21 @@ def test_sequence_longer_than_the_models_context(tmp_path, capsys, earlier_run):
     assert snapshot(earlier_run) == before
 
 
+def test_evaluation_example_longer_than_the_models_context(tmp_path, capsys, earlier_run):
+    # Named before training starts, not at the first evaluation.
+    data = write_pairs(tmp_path / "pairs.jsonl", 4)
+    huge = tmp_path / "eval.jsonl"
+    huge.write_text(json.dumps({"id": "huge", "prompt": "word " * 2100, "target": " ok"}) + "\n")
+    before = snapshot(earlier_run)
+    fails(
+        capsys,
+        train_argv(data, earlier_run, "--training.max_prompt_tokens", "5000", "--eval_data", str(huge),
+                   "--training.eval_every", "1"),
+        "evaluation example 'huge' is",
+    )
+    assert snapshot(earlier_run) == before
+
+
 # --------------------------------------------------------------------------- disk full
 
 
@@ -234,7 +249,13 @@ def _disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_disk_full_while_saving_a_state_keeps_the_last_good_one(tmp_path, capsys, monkeypatch):
+def _torch_disk_full(*args, **kwargs):
+    # What torch.save raises when a write fails (measured writing to /dev/full, torch 2.13).
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+@pytest.mark.parametrize(("fill", "reason"), [(_disk_full, "No space left on device"), (_torch_disk_full, "unexpected pos 704 vs 598")])
+def test_disk_full_while_saving_a_state_keeps_the_last_good_one(tmp_path, capsys, monkeypatch, fill, reason):
     import torch
 
     data = write_pairs(tmp_path / "pairs.jsonl", 8)
@@ -253,11 +274,11 @@ def test_disk_full_while_saving_a_state_keeps_the_last_good_one(tmp_path, capsys
 
     def fill_up_after_the_first_state(obj, f, *args, **kwargs):
         if "step-00000004" in str(f):
-            _disk_full()
+            fill()
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", fill_up_after_the_first_state)
-    fails(capsys, argv, "No space left on device; the previous state is intact")
+    fails(capsys, argv, f"{reason}; the previous state is intact")
     monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in (out / "states").iterdir()] == ["step-00000002"]  # no partial left
     assert main(argv) == 0  # space freed: the same command resumes from step 2 and finishes

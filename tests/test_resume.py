@@ -8,6 +8,7 @@ already trained on, so the weights and the loss curve equal those of a run never
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,6 +126,24 @@ def test_keeps_the_last_states_and_ignores_a_torn_save(tmp_path, capsys):
     assert [r["step"] for r in log(out)] == list(range(1, 9))
     after = load_file(out / "checkpoint" / "generator" / "model.safetensors")
     assert all((before[k] == after[k]).all() for k in before)
+
+
+def test_resumed_with_another_split_of_the_same_step_ends_at_the_same_weights(tmp_path, capsys):
+    """batch_size and grad_accum may change on resume when their product does: 3 steps of 2x2,
+    then 3 of 1x4, equal 6 of 2x2. A restored micro-batch count (6, not a multiple of 4) would
+    sync half-way through the first resumed step."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 12)
+    out = tmp_path / "run"
+    common = ("--training.max_steps", "6", "--training.save_every", "3", "--training.keep_last", "3")
+    assert main(args(data, out, *common, "--training.batch_size", "2", "--training.grad_accum", "2")) == 0
+    whole = weights(out / "checkpoint")
+    shutil.rmtree(out / "states" / "step-00000006")
+    shutil.rmtree(out / "checkpoint")
+    capsys.readouterr()
+    assert main(args(data, out, *common, "--training.batch_size", "1", "--training.grad_accum", "4")) == 0
+    assert "resumed from the state at step 3" in capsys.readouterr().out
+    assert [r["step"] for r in log(out)] == list(range(1, 7))
+    assert max_difference(whole, weights(out / "checkpoint")) <= 1e-5
 
 
 def test_resume_false_starts_over(tmp_path, capsys):

@@ -15,6 +15,8 @@ from flythinker.commands.run import RunConfig, TaskConfig, run_experiment
 from flythinker.config import GenerationConfig, TrainConfig
 from flythinker.data.prompts import PromptBudgets
 from flythinker.errors import FlyThinkerError
+from flythinker.evaluation.report import lambda_sweep
+from flythinker.io import to_plain
 from flythinker.methods import METHODS, MethodConfig
 from flythinker.methods.base import Method
 
@@ -151,6 +153,12 @@ def test_checkpointing_settings_do_not_refuse_a_rerun_and_a_trained_row_keeps_no
     capsys.readouterr()
     run_experiment(small_config(tmp_path, methods, eval_limit=2))  # save_every back to 0: reused
     assert f"reusing {work / 'checkpoint'}" in capsys.readouterr().out
+    # Nor does compiling (training resumes with it switched): a row trained compiled is reused.
+    saved = json.loads((work / "settings.json").read_text())
+    saved["training"]["compile"] = True
+    (work / "settings.json").write_text(json.dumps(saved))
+    run_experiment(small_config(tmp_path, methods, eval_limit=2))
+    assert f"reusing {work / 'checkpoint'}" in capsys.readouterr().out
 
 
 def test_checkpoints_from_decodes_trained_rows_again_without_retraining(tmp_path, monkeypatch):
@@ -212,6 +220,23 @@ def test_lambda_sweep_plot_appears_with_several_lambdas(tmp_path):
     ]
     run_experiment(small_config(tmp_path, methods, eval_limit=2))
     assert (tmp_path / "plots" / "lambda_sweep.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_lambda_sweep_draws_one_line_per_variant():
+    def row(score, **settings):
+        return {"method": to_plain(MethodConfig(**settings)), "metrics": {"rougeL": score}}
+
+    results = {"product_review": {
+        "sft": row(0.30, method="sft"),
+        "pad-1": row(0.20, method="flythinker", lam=1.0, label="pad-1"),
+        "pad-0": row(0.30, method="flythinker", lam=0.0, label="pad-0"),
+        "linear-0.5": row(0.31, method="flythinker", lam=0.5, fusion="linear", label="linear-0.5"),
+        "linear-1": row(0.32, method="flythinker", lam=1.0, fusion="linear", label="linear-1"),
+        "gate": row(0.33, method="flythinker", lam=1.0, gate="scalar", label="gate"),  # alone: no line
+    }}
+    lines = lambda_sweep(results)
+    assert [(line.label, line.points) for line in lines] == [
+        ("pad-1", [(0.0, 0.30), (1.0, 0.20)]), ("linear-0.5", [(0.5, 0.31), (1.0, 0.32)])]
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from test_run import small_config
 from flythinker.commands.run import TaskConfig, load_split, run_experiment
 from flythinker.config import GenerationConfig
 from flythinker.data.collate import Example, collate, encode
+from flythinker.data.longlamp import sample_data_path
 from flythinker.errors import FlyThinkerError
 from flythinker.evaluation.diagnose import CONTROLS, diagnose
 from flythinker.evaluation.stats import paired_bootstrap
@@ -180,6 +181,27 @@ def test_validation_is_carved_from_the_end_of_train_and_never_overlaps():
 def test_bad_splits_are_named(settings, message):
     with pytest.raises(FlyThinkerError, match=message):
         TaskConfig(task="product_review", data="sample", **settings)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_source_without_named_splits_is_never_both_train_and_test(tmp_path, suffix):
+    # A .jsonl file (or a JSON list) reads the same records for every split name: a run that
+    # trained on it and evaluated its "test" would score its own training records.
+    records = json.loads(sample_data_path().read_text())["train"]
+    source = tmp_path / f"reviews{suffix}"
+    source.write_text("\n".join(map(json.dumps, records)) if suffix == ".jsonl" else json.dumps(records))
+    task = TaskConfig(task="product_review", data=str(source))
+    with pytest.raises(FlyThinkerError, match="not named splits.*training on the test set"):
+        load_split(task, "test", 0, held_out=True)
+    assert len(load_split(task, "test", 0)) == len(records)  # nothing trained on it: scored as given
+    carved = TaskConfig(task="product_review", data=str(source), validation=4, eval_split="validation")
+    train, validation = load_split(carved, "train", 0), load_split(carved, "validation", 0, held_out=True)
+    assert len(validation) == 4 and {r.id for r in train}.isdisjoint(r.id for r in validation)
+    # A directory with one file per split names its splits.
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "train.jsonl").write_text("\n".join(map(json.dumps, records[:-4])))
+    (tmp_path / "split" / "test.jsonl").write_text("\n".join(map(json.dumps, records[-4:])))
+    assert len(load_split(TaskConfig(task="product_review", data=str(tmp_path / "split")), "test", 0, held_out=True)) == 4
 
 
 def test_validation_larger_than_train_is_named():

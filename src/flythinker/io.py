@@ -82,11 +82,13 @@ def to_plain(value: Any) -> Any:
 
 
 def write_yaml(path: Path, value: Any) -> None:
-    path.write_text(yaml.safe_dump(to_plain(value), sort_keys=False))
+    replace_file(path, yaml.safe_dump(to_plain(value), sort_keys=False))
 
 
 def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(to_plain(value), indent=2) + "\n")
+    # Atomic because the runner reads some of these files as markers (a row's train_stats.json
+    # says it finished training): a torn one must never pass for a finished row.
+    replace_file(path, json.dumps(to_plain(value), indent=2) + "\n")
 
 
 def replace_file(path: Path, text: str) -> None:
@@ -97,7 +99,7 @@ def replace_file(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise FlyThinkerError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise WriteFailed(path, exc.strerror or str(exc)) from exc
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

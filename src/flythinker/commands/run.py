@@ -17,6 +17,7 @@ Layout of a run directory::
                                      of the lowest one, with training.keep_best, and
                                      heldout_loss_at_best.json their loss on the evaluated records)
     metrics.json, results.csv, results.md, plots/*.png
+    paired.csv                       each method minus SFT on the same records, with 95% intervals
 
 A rerun of the same command picks up where an interrupted one stopped: finished checkpoints are
 loaded instead of retrained and ids already in ``predictions.jsonl`` are not decoded again.
@@ -40,7 +41,7 @@ from flythinker.io import to_plain, write_json, write_yaml
 from flythinker.methods import METHODS, Method, MethodConfig, PredictionRow, RunContext, make_method
 from flythinker.training.checkpoints import BEST_DIR, STATES_DIR, clear_states, load_best, read_best
 from flythinker.training.engines import Processes, current_processes
-from flythinker.training.train import EVAL_LOG_NAME, read_eval_log
+from flythinker.training.train import EVAL_LOG_NAME, RESUMABLE_CHANGES, read_eval_log
 
 PREDICTIONS = "predictions.jsonl"
 PARTS_PREFIX = "predictions.part-"  # predictions.part-<process>.jsonl, while several processes decode
@@ -165,8 +166,9 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
             raise FlyThinkerError(f"cannot write to run directory {out}: {exc.strerror}") from exc
     results: dict[str, Any] = {}
     for task in config.tasks:
-        train_records = load_split(task, task.train_split, task.train_limit) if _any_trainable(config) else []
-        eval_records = load_split(task, task.eval_split, task.eval_limit)
+        trains = _any_trainable(config)
+        train_records = load_split(task, task.train_split, task.train_limit) if trains else []
+        eval_records = load_split(task, task.eval_split, task.eval_limit, held_out=trains)
         validation_records = load_split(task, "validation", 0) if _reports_validation(task) else []
         for method_config in config.methods:
             _say(processes, f"== {task.task} / {method_config.name}")
@@ -344,9 +346,11 @@ def _settings(config: RunConfig, task: TaskConfig, method: MethodConfig) -> dict
     return settings
 
 
-# Training settings that change how a run is watched or checkpointed, not what it produces (a
-# resumed training run follows the same updates), so a long study can start saving states midway.
-_NOT_DECIDING = ("report_to", "log_every", "save_every", "keep_last", "resume", "eval_every", "keep_best")
+# Training settings that change how a run is watched, checkpointed or compiled, not what it
+# produces, so a long study can start saving states midway: those training resumes with changed,
+# less batch_size and grad_accum (only their product is free, which this flat comparison cannot
+# say) and output_dir (always the default here: the runner chooses it).
+_NOT_DECIDING = tuple(sorted(RESUMABLE_CHANGES - {"batch_size", "grad_accum", "output_dir"}))
 
 
 def _check_settings(work: Path, settings: dict[str, Any]) -> None:
@@ -368,6 +372,8 @@ def _changed_settings(work: Path, settings: dict[str, Any], ignore: Sequence[str
     if not path.is_file():
         return []
     before = json.loads(path.read_text())
+    for name in _NOT_DECIDING:  # saved by an older version that still recorded it
+        before.get("training", {}).pop(name, None)
     defaults = _default_settings()
     return sorted(k for k in settings.keys() | before.keys()
                   if k not in ignore and not _same_settings(settings.get(k), before.get(k), defaults.get(k)))
@@ -494,15 +500,25 @@ def append_rows(path: Path, rows: Sequence[PredictionRow]) -> None:
         os.fsync(f.fileno())
 
 
-def load_split(task: TaskConfig, split: str, limit: int) -> list[LongLaMPRecord]:
+def load_split(task: TaskConfig, split: str, limit: int, *, held_out: bool = False) -> list[LongLaMPRecord]:
     """The records of ``split`` as the runner uses them (``validation`` carved from train, see
-    `TaskConfig.validation`); the first ``limit`` (0: all)."""
+    `TaskConfig.validation`); the first ``limit`` (0: all). ``held_out``: they must not be the
+    training records, which a source without named splits would give for every split name."""
     source = sample_data_path() if task.data == "sample" else task.data or None
-    if not task.validation:
-        records = list(load_longlamp(task.task, split, source=source, limit=limit or None, setting=task.setting))
-    else:
-        records = _carve(task, split, list(load_longlamp(
-            task.task, task.train_split if split == "validation" else split, source=source, setting=task.setting)))
+    read = task.train_split if split == "validation" else split
+    loaded = load_longlamp(task.task, read, source=source, limit=None if task.validation else limit or None,
+                           setting=task.setting)
+    if held_out and loaded.unsplit and split != "validation":
+        raise FlyThinkerError(
+            f"{task.task}: {loaded.source} is one list of records, not named splits, so "
+            f"{task.train_split!r} and {split!r} would be the same records (training on the test "
+            f"set); give a JSON file of splits ({{\"{task.train_split}\": [...], \"{split}\": [...]}}), "
+            f"a directory with {task.train_split}.jsonl and {split}.jsonl, or evaluate on records "
+            f"held out of it (validation: N with eval_split: validation)"
+        )
+    records = list(loaded)
+    if task.validation:
+        records = _carve(task, split, records)
         records = records[:limit] if limit else records
     if not records:
         raise FlyThinkerError(f"{task.task}: split {split!r} of {task.data or 'the hub'} is empty")
@@ -564,12 +580,10 @@ def run_command(
         checkpoints_from: An earlier run directory whose trained rows are decoded again instead
             of retrained (same settings except generation; e.g. sampling next to greedy).
     """
-    from flythinker.evaluation.report import format_results
-
     config = RunConfig(out=out, tasks=tasks, methods=methods, training=training, generation=generation,
                        budgets=budgets, decode_batch_size=decode_batch_size, span_tokens=span_tokens,
                        dtype=dtype, seed=seed, checkpoints_from=checkpoints_from)
     results = run_experiment(config)
     if results:  # the main process's; the others under `accelerate launch` return none
-        print(format_results(results))
+        print((Path(out) / "results.md").read_text(), end="")  # as written, paired intervals included
         print(f"\nresults: {Path(out) / 'results.md'}, {Path(out) / 'results.csv'}, plots in {Path(out) / 'plots'}")

@@ -23,7 +23,7 @@ import math
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -119,6 +119,9 @@ class LongLaMPSplit(Sequence[LongLaMPRecord]):
     source: str
     records: tuple[LongLaMPRecord, ...]
     skipped: tuple[SkippedRecord, ...] = field(default=())
+    # The source is one list of records (a .jsonl or .parquet file, a JSON list), not named
+    # splits: every split name reads these same records.
+    unsplit: bool = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -294,9 +297,11 @@ class _RawRecords:
 
     source: str
     rows: list[tuple[str, object]]  # (location, raw record)
+    by_split: bool = True  # chosen by the split's name (a key or a file name), not the whole source
 
 
-def _read_json(path: Path, split: str) -> list[object]:
+def _read_json(path: Path, split: str) -> tuple[list[object], bool]:
+    """The records of ``split``, and whether the file names its splits (else all its records)."""
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -304,13 +309,13 @@ def _read_json(path: Path, split: str) -> list[object]:
             f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg})"
         ) from None
     if isinstance(payload, list):
-        return payload
+        return payload, False
     if isinstance(payload, dict) and payload and all(isinstance(v, list) for v in payload.values()):
         if split not in payload:
             raise FlyThinkerError(
                 f"{path}: no split {split!r} in this file (it has {', '.join(sorted(payload))})"
             )
-        return payload[split]
+        return payload[split], True
     raise FlyThinkerError(
         f"{path}: expected a list of records or an object of splits such as "
         f'{{"train": [...], "test": [...]}}, got {type(payload).__name__}'
@@ -344,14 +349,14 @@ def _read_file(path: Path, split: str) -> _RawRecords:
     try:
         if path.suffix == ".jsonl":
             rows = [(f"{path}: line {n}", raw) for n, raw in _read_jsonl(path)]
-            return _RawRecords(str(path), rows)
-        records = _read_parquet(path) if path.suffix == ".parquet" else _read_json(path, split)
+            return _RawRecords(str(path), rows, by_split=False)
+        records, by_split = (_read_parquet(path), False) if path.suffix == ".parquet" else _read_json(path, split)
     except UnicodeDecodeError as exc:
         raise FlyThinkerError(
             f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
         ) from None
     return _RawRecords(
-        str(path), [(f"{path}: {split} record {i}", r) for i, r in enumerate(records)]
+        str(path), [(f"{path}: {split} record {i}", r) for i, r in enumerate(records)], by_split
     )
 
 
@@ -371,17 +376,18 @@ def _split_files(root: Path, split: str) -> list[Path]:
     return sorted(found)
 
 
-def _directory_files(directory: Path, task: str, setting: str, split: str) -> list[Path]:
+def _directory_files(directory: Path, task: str, setting: str, split: str) -> tuple[list[Path], bool]:
+    """The files to read for ``split``, and whether they were chosen by the split's name."""
     for root in (directory / f"{task}_{setting}", directory / task, directory):
         if not root.is_dir():
             continue
         files = _split_files(root, split)
         if files:
-            return files
+            return files, True
         for name in (f"{task}_{setting}", task):  # one file holding every split
             for suffix in (".json", ".jsonl", ".parquet"):
                 if (root / f"{name}{suffix}").is_file():
-                    return [root / f"{name}{suffix}"]
+                    return [root / f"{name}{suffix}"], False
     raise FlyThinkerError(
         f"{directory}: no {task} {split!r} data found; expected {split}.json/.jsonl/.parquet, "
         f"{split}-*.parquet or {task}.json with a {split!r} key, directly or in {task}_{setting}/"
@@ -389,15 +395,17 @@ def _directory_files(directory: Path, task: str, setting: str, split: str) -> li
 
 
 def _local_records(source: Path, task: str, setting: str, split: str) -> list[_RawRecords]:
+    named = False
     if source.is_dir():
-        files = _directory_files(source, task, setting, split)
+        files, named = _directory_files(source, task, setting, split)
     elif source.is_file():
         if source.suffix not in FILE_SUFFIXES:
             raise FlyThinkerError(f"{source}: unsupported file type; use .json, .jsonl or .parquet")
         files = [source]
     else:
         raise FlyThinkerError(f"{source}: no such file or directory")
-    return [_read_file(path, split) for path in files]
+    raws = [_read_file(path, split) for path in files]
+    return [replace(raw, by_split=True) for raw in raws] if named else raws
 
 
 # --------------------------------------------------------------------------- hub
@@ -521,7 +529,8 @@ def load_longlamp(
         raws = _local_records(Path(source).expanduser(), task, setting, split)
     records, skipped = _parse_all(task, split, raws, limit, skip_invalid)
     origin = ", ".join(dict.fromkeys(r.source for r in raws))
-    result = LongLaMPSplit(task, split, origin, tuple(records), tuple(skipped))
+    unsplit = not all(raw.by_split for raw in raws)
+    result = LongLaMPSplit(task, split, origin, tuple(records), tuple(skipped), unsplit)
     if skipped:
         logger.warning(result.summary())
     if not records:

@@ -8,6 +8,9 @@ registry's baseline.
 from __future__ import annotations
 
 import csv
+import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt
 
 from flythinker.evaluation.stats import PairedDifference, paired_bootstrap
+from flythinker.io import replace_file
 from flythinker.methods import METHODS
 
 QUALITY = ("rouge1", "rougeL", "meteor", "bleu")
@@ -89,18 +93,15 @@ def result_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_report(results: dict[str, dict[str, Any]], out: Path) -> None:
+    """The run's tables, rewritten whole after every row (each file atomically), and its plots."""
     rows = result_rows(results)
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    replace_file(out / "results.csv", _csv(rows))
     paired = paired_rows(results)
     if paired:
-        with (out / "paired.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(paired[0]))
-            writer.writeheader()
-            writer.writerows(paired)
-    (out / "results.md").write_text(format_results(results, paired) + "\n")
+        replace_file(out / "paired.csv", _csv(paired))
+    else:  # an earlier run's pairs would no longer describe these results
+        (out / "paired.csv").unlink(missing_ok=True)
+    replace_file(out / "results.md", format_results(results, paired) + "\n")
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     plot_spans(results, plots / "spans.png")
@@ -226,30 +227,51 @@ def plot_validation_curves(results: dict[str, dict[str, Any]], path: Path) -> No
     _save(fig, path)
 
 
-def lambda_sweep(results: dict[str, dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """Per task, (lambda, ROUGE-L) of every FlyThinker row, when a run has more than one lambda."""
-    sweep = {}
+@dataclass(frozen=True)
+class SweepLine:
+    task: str
+    label: str  # the first row's label, to tell several lines of one task apart
+    points: list[tuple[float, float]]  # (lambda, ROUGE-L), by lambda
+
+
+def lambda_sweep(results: dict[str, dict[str, Any]]) -> list[SweepLine]:
+    """Rows that differ in lambda and nothing else, one line per such group with several lambdas:
+    rows that also differ in fusion, gate or reasoner would make one line zig-zag between them."""
+    lines = []
     for task, methods in results.items():
-        points = sorted(
-            (m["method"]["lam"], m["metrics"]["rougeL"])
-            for m in methods.values() if m["method"]["method"] == "flythinker"
-        )
-        if len({lam for lam, _ in points}) > 1:
-            sweep[task] = points
-    return sweep
+        groups: dict[str, list[tuple[str, float, float]]] = {}
+        for label, m in methods.items():
+            others = {k: v for k, v in m["method"].items() if k not in ("lam", "label")}
+            groups.setdefault(json.dumps(others, sort_keys=True), []).append(
+                (label, m["method"]["lam"], m["metrics"]["rougeL"]))
+        for rows in groups.values():
+            if len({lam for _, lam, _ in rows}) > 1:
+                lines.append(SweepLine(task, rows[0][0], sorted((lam, score) for _, lam, score in rows)))
+    return lines
 
 
-def plot_lambda_sweep(sweep: dict[str, list[tuple[float, float]]], results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_lambda_sweep(sweep: list[SweepLine], results: dict[str, dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for task, points in sweep.items():
-        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"FlyThinker, {task}")
+    for task in dict.fromkeys(line.task for line in sweep):
+        lines = [line for line in sweep if line.task == task]
+        for line in lines:
+            name = task if len(lines) == 1 else f"{task}: {line.label}, ..."
+            drawn = ax.plot([p[0] for p in line.points], [p[1] for p in line.points], marker="o", label=name)
         base = baseline_label(results[task])
-        sft = results[task][base] if base else None
-        if sft:
-            ax.axhline(sft["metrics"]["rougeL"], linestyle="--", color=line[0].get_color(), label=f"SFT, {task}")
+        if base:
+            ax.axhline(results[task][base]["metrics"]["rougeL"], linestyle="--", color=drawn[0].get_color(),
+                       label=f"{base}, {task}")
     ax.set(xlabel="lambda", ylabel="ROUGE-L", title="lambda sweep")
     ax.legend(fontsize="small")
     _save(fig, path)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def _save(fig, path: Path) -> None:

@@ -53,8 +53,7 @@ class MethodConfig(FlyThinkerSettings):
         generator: The generator (every method has one): local dir, built-in alias or hub id.
         reasoner: FlyThinker's reasoner, resolved the same way ("shared": the generator plus a
             LoRA adapter).
-        retriever: How rag (and the profile form, if set for it) ranks profile items: bm25,
-            recency, random or dense.
+        retriever: How rag ranks profile items for its prompt: bm25, recency, random or dense.
         k: Profile items in the rag prompt.
         latent_thoughts: Coconut's number of latent thoughts at inference (its last stage).
         rationale_tokens: CoT/Coconut: longest rationale generated per training record.

@@ -101,6 +101,11 @@ def load_state(accelerator: Accelerator, path: Path) -> TrainerState:
         accelerator.load_state(str(path))
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise FlyThinkerError(f"cannot resume from {path}: {exc}") from exc
+    # accelerate restores its micro-batch counter and syncs gradients when it reaches a multiple
+    # of grad_accum. A state is saved at an optimizer-step boundary, so counting afresh is the
+    # same for an unchanged run, and right for a run resumed with another grad_accum (which a
+    # restored count would sync mid-step).
+    accelerator.step = 0
     return state
 
 
@@ -136,13 +141,16 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def _guard(action, partial: Path) -> None:
-    """Run a write; on an OS error (disk full, permissions) remove the partial state and say so."""
+    """Run a write; if it fails (disk full, permissions) remove the partial state and say so.
+
+    torch.save reports a full disk as a RuntimeError from its zip writer, not an OSError.
+    """
     try:
         action()
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise FlyThinkerError(
-            f"cannot save the training state to {partial.parent}: {exc.strerror or exc}; "
+            f"cannot save the training state to {partial.parent}: {getattr(exc, 'strerror', None) or exc}; "
             "the previous state is intact"
         ) from exc
 

@@ -53,7 +53,7 @@ LOG_NAME = "train_log.jsonl"
 EVAL_LOG_NAME = "eval_log.jsonl"
 RUN_CONFIG_NAME = "run_config.yaml"
 # Settings that may change between a run and its resumption: they do not alter the updates.
-_RESUMABLE_CHANGES = {
+RESUMABLE_CHANGES = frozenset({
     "output_dir",
     "report_to",
     "resume",
@@ -65,7 +65,7 @@ _RESUMABLE_CHANGES = {
     "compile",
     "eval_every",
     "keep_best",
-}
+})
 
 
 @dataclass
@@ -112,6 +112,8 @@ def train(
     encoded = encoded_items(examples)
     _check_context(model, examples, encoded)
     eval_encoded = encoded_items(eval_examples) if config.eval_every else []
+    if eval_encoded:
+        _check_context(model, eval_examples, eval_encoded, "evaluation example")
     accelerator = make_accelerator(config)
     if config.keep_best and distributed_kind(accelerator) in ("deepspeed", "fsdp"):
         raise FlyThinkerError(f"training.keep_best keeps whole weights: one process or DDP, not "
@@ -184,7 +186,7 @@ def train(
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with torch's fused kernel where it applies.
 
-    The default for-loop AdamW updates one tensor at a time, which on CPUs weighs most in short
+    On CPU torch's default AdamW updates one tensor at a time (a for-loop), which weighs most in short
     steps (43% of a batch-1 x 64-token step of the 0.5B shape; 4-7% at batch 4 x 256 on
     SmolLM2-135M, `bench/train_step_cpu.py`). The fused kernel does the same update: measured on 2
     CPU cores over SmolLM2-135M's shapes, 0.47 s per step against 1.96 s (foreach: 4.6 s), with
@@ -482,7 +484,7 @@ def _signature(config: TrainConfig, plan: StepPlan, encoded: Sequence[Encoded], 
     for item in encoded:
         digest.update(array("q", item.input_ids).tobytes())
         digest.update(array("q", item.labels).tobytes())
-    settings = {k: v for k, v in to_plain(config).items() if k not in _RESUMABLE_CHANGES}
+    settings = {k: v for k, v in to_plain(config).items() if k not in RESUMABLE_CHANGES}
     model_config = getattr(model, "config", None)
     if dataclasses.is_dataclass(model_config):
         model_config = to_plain(model_config)
@@ -522,7 +524,7 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
 
 
-def _check_context(model: Any, examples: Sequence, encoded: Sequence[Encoded]) -> None:
+def _check_context(model: Any, examples: Sequence, encoded: Sequence[Encoded], kind: str = "example") -> None:
     """Fail before training, naming the example, if a sequence exceeds the model's context."""
     limit = (
         model.context_length()
@@ -536,7 +538,7 @@ def _check_context(model: Any, examples: Sequence, encoded: Sequence[Encoded]) -
     if length > limit:
         name = getattr(examples[longest], "id", longest)
         raise FlyThinkerError(
-            f"example {name!r} is {length} tokens (prompt + target + EOS) but the models' context "
+            f"{kind} {name!r} is {length} tokens (prompt + target + EOS) but the models' context "
             f"is {limit}; lower max_prompt_tokens / max_target_tokens"
         )
 
