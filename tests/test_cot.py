@@ -4,6 +4,7 @@ where the time to first token is taken."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -120,6 +121,20 @@ def test_training_target_is_rationale_marker_target(tmp_path, tokenizer):
     assert method.examples(records, for_training=False) == records_to_examples(
         records, tokenizer, "profile", budgets=BUDGETS, truncate_target=False
     )
+
+
+def test_training_caps_at_the_budgets_cut_neither_the_prompt_nor_the_answer(tmp_path, tokenizer):
+    # The published shape: the target cap equals the target budget, so a rationale in front of a
+    # full-length answer would push the answer's end past it; the method raises its caps instead.
+    records = [replace(make_records(1)[0], target="We study sparse arrays. " * 30)]
+    method = make_cot(tmp_path)
+    key = rationale_key("tiny", RATIONALE_TOKENS, rationale_prompt(records[0], tokenizer, BUDGETS, RATIONALE_TOKENS))
+    (tmp_path / RATIONALE_FILE).write_text(json.dumps({"id": "r0", "key": key, "rationale": "Formal tone. Likes numbers."}) + "\n")
+    [example] = method.examples(records, for_training=True)
+    caps = TrainConfig(max_prompt_tokens=20, max_target_tokens=BUDGETS.target_tokens)
+    assert len(tokenizer(example.target)["input_ids"]) > caps.max_target_tokens  # the caps alone would cut
+    item = method.encoded_targets(records, caps)["r0"]
+    assert item.input_ids == encode(tokenizer, example, 10_000, 10_000).input_ids
 
 
 def test_clean_rationale_cuts_a_marker_and_an_unfinished_sentence():

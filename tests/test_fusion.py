@@ -220,6 +220,7 @@ def test_gate_is_logged_while_training(make_model, tokenizer, tmp_path):
      ({"projection_init": "zero"}, "needs fusion='linear'"), ({"gate_scale": 0}, "gate_scale"),
      ({"fusion": "linear", "projection_scale": 0.0}, "projection_scale must be"),
      ({"projection_scale": 10.0}, "projection_scale needs fusion='linear'"),
+     ({"fusion": "linear", "projection_scale": 10.0}, "changes nothing with projection_init='random'"),
      ({"signal_dropout": 1.0}, "signal_dropout must be in"), ({"train_reasoner": "no"}, "train_reasoner must be")],
 )
 def test_bad_fusion_settings_name_the_field(fields, message):

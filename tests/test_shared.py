@@ -148,6 +148,13 @@ def test_one_training_step_moves_the_adapter_and_the_generator(make_shared, toke
     assert unchanged == []
 
 
+def test_gradient_checkpointing_is_refused_with_a_clear_error(make_shared, tokenizer, tmp_path):
+    # Recomputed layers would run without the adapter: torch fails deep in backward otherwise.
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, gradient_checkpointing=True)
+    with pytest.raises(FlyThinkerError, match="cannot train with gradient_checkpointing"):
+        train(make_shared(), tokenizer, copy_examples(4), config, save=False, show_progress=False)
+
+
 def test_from_config_builds_the_shared_variant():
     model = FlyThinker.from_config(FlyThinkerConfig(reasoner="shared", generator="tiny", lora_rank=4))
     assert isinstance(model.reasoner_component, AdapterReasoner) and model.reasoner is model.generator

@@ -68,6 +68,8 @@ class FlyThinkerSettings:
             many times faster than the weights, for the reason gate_scale exists: a projection
             that starts at zero opens by about lr per entry per step, and at a fine-tuning lr it
             stays shut (measured: spectral norm 0.07 after 48 steps at 5e-5, docs/method.md).
+            A random projection with rescale on is rescaled after projecting, which cancels the
+            scale, so that pairing is refused.
         lora_rank: Rank of the reasoner's LoRA adapter when reasoner="shared".
         lora_alpha: LoRA scale numerator when reasoner="shared" (the update is alpha/rank * BA).
         lora_targets: Linear layers of each decoder block that get the adapter, by name (e.g.
@@ -143,6 +145,11 @@ class FlyThinkerSettings:
         require(
             self.projection_scale == 1.0 or self.fusion == "linear",
             "projection_scale needs fusion='linear' (pad fusion has no projection)",
+        )
+        require(
+            self.projection_scale == 1.0 or self.projection_init == "zero" or not self.rescale,
+            "projection_scale changes nothing with projection_init='random' and rescale on: the "
+            "projected vector is rescaled after the projection, which cancels the scale",
         )
         require(
             self.projection_init in ("random", "zero"),
@@ -282,8 +289,11 @@ class TrainConfig:
         seed: Seed of weights initialised here, data order and dropout.
         log_every: Write a line to train_log.jsonl every this many optimizer steps.
         max_prompt_tokens: Longest prompt in tokens (published profile 1250 + query 300); a
-            longer one keeps its end, where the query is.
-        max_target_tokens: Longest target in tokens (published 1000); a longer one keeps its start.
+            longer one keeps its end, where the query is. `flythinker run` raises it, where
+            lower, to what its prompt budgets allow, so training never cuts what decoding keeps.
+        max_target_tokens: Longest target in tokens (published 1000); a longer one keeps its
+            start. `flythinker run` raises it, where lower, to its target budget plus what a
+            method puts before the answer (CoT's rationale and marker).
         gradient_checkpointing: Recompute each decoder layer's activations in the backward pass
             (reasoner and generator both): much less activation memory for about a third more
             compute.

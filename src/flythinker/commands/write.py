@@ -119,8 +119,9 @@ def write_command(
         written.append(token_id)
         piece = tokenizer.decode(written, skip_special_tokens=True)[len(before):]
         if show_reasoning or lens_out:
-            # The vector the generator read while choosing this token (still current: the decoder
-            # advances only after this callback returns).
+            # The reasoner's vector from reading every token before this one: its own reading of
+            # this token, which the generator takes in with it at the next step (still current:
+            # the decoder advances only after this callback returns).
             probs, top = lens(model, decoder.reasoning()[:1], lens_top)
             step = LensStep(piece, [(tokenizer.decode([int(i)]), float(probs[0, i])) for i in top[0]],
                             float(probs[0, token_id]))

@@ -180,7 +180,7 @@ class Method(ABC):
         if not self.trainable:
             raise FlyThinkerError(f"method {self.config.name!r} is zero-shot and does not train")
         assert self.tokenizer is not None, "build() first"
-        return train(self.model(), self.tokenizer, self.examples(records, for_training=True), config,
+        return train(self.model(), self.tokenizer, self.examples(records, for_training=True), self.training_limits(config),
                      run_config=run_config, show_progress=True,
                      eval_examples=self.examples(eval_records, for_training=True) if config.eval_every else ())
 
@@ -208,8 +208,21 @@ class Method(ABC):
     def encoded_targets(self, records: Sequence[LongLaMPRecord], config: TrainConfig) -> dict[str, Encoded]:
         """``{id: prompt + target + EOS}`` of each record, encoded exactly as training encodes them."""
         assert self.tokenizer is not None, "build() first"
-        return {e.id: encode(self.tokenizer, e, config.max_prompt_tokens, config.max_target_tokens)
+        limits = self.training_limits(config)
+        return {e.id: encode(self.tokenizer, e, limits.max_prompt_tokens, limits.max_target_tokens)
                 for e in self.examples(records, for_training=True)}
+
+    # Tokens a training target holds beyond the record's own text (CoT: its rationale and marker).
+    target_extra_tokens = 0
+
+    def training_limits(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with its token caps raised, where lower, to what this method's prompts and
+        targets hold under the run's budgets. The caps guard `flythinker train` against runaway
+        inputs; here the budgets already bound the texts, and a lower cap would cut in training
+        what decoding keeps (the start of a long prompt, CoT's answer behind its rationale)."""
+        budgets = self.context.budgets
+        return replace(config, max_prompt_tokens=max(config.max_prompt_tokens, budgets.prompt_tokens),
+                       max_target_tokens=max(config.max_target_tokens, budgets.target_tokens + self.target_extra_tokens))
 
     @property
     def pad_token_id(self) -> int:

@@ -52,7 +52,7 @@ from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.errors import FlyThinkerError
 from flythinker.io import append_jsonl
 from flythinker.methods.costs import NEVER_STOP, BenchEntry
-from flythinker.methods.cot import cot_target, method_rationales, rationale_steps
+from flythinker.methods.cot import cot_target, method_rationales, rationale_room, rationale_steps
 from flythinker.methods.lm import LMMethod
 from flythinker.model.decoding import (
     GenerationOutput,
@@ -422,6 +422,10 @@ class Coconut(LMMethod):
     trainable = True
     heldout_comparable = False  # its training targets put rationale steps or latent thoughts before the answer
 
+    @property
+    def target_extra_tokens(self) -> int:
+        return rationale_room(self)  # the first stage's target is CoT's
+
 
     @classmethod
     def bench_entries(cls, bench, floors):
@@ -459,6 +463,7 @@ class Coconut(LMMethod):
         if config.eval_every:
             log.warning("Coconut logs no evaluation curve (its stages train on different targets); eval_every ignored")
             config = replace(config, eval_every=0)
+        config = self.training_limits(config)
         examples = self.examples(records, for_training=True)
         rationales = method_rationales(self, records)  # before any stage changes the weights
         markers = ThoughtMarkers.of(self.tokenizer)

@@ -75,6 +75,15 @@ RATIONALE_INSTRUCTION = (
 # --------------------------------------------------------------------------- training layout
 
 
+def rationale_room(method: LMMethod) -> int:
+    """Target tokens a training target spends before the answer: a rationale of at most
+    ``rationale_tokens``, decoded to text and tokenized again (a few tokens may not round-trip,
+    so twice that), then the marker."""
+    assert method.tokenizer is not None, "build() first"
+    marker = method.tokenizer(ANSWER_MARKER, add_special_tokens=False)["input_ids"]
+    return 2 * method.config.rationale_tokens + len(marker)
+
+
 def cot_target(rationale: str, target: str) -> str:
     """The CoT training target: the analysis, the marker, then the text itself."""
     return f"{rationale.strip()}{ANSWER_MARKER}{target}".lstrip()
@@ -241,6 +250,10 @@ class CoT(LMMethod):
     style = "profile"
     trainable = True
     heldout_comparable = False  # its training targets put a rationale before the answer
+
+    @property
+    def target_extra_tokens(self) -> int:
+        return rationale_room(self)
 
     @classmethod
     def bench_entries(cls, bench, floors):

@@ -74,8 +74,9 @@ class GenerationOutput:
     sequences: torch.Tensor
     # Per step, (batch, vocab) float32 generator logits before any warping (output_scores=True).
     scores: list[torch.Tensor] | None = None
-    # Per step, (batch, d_R): the reasoning vector fused into the step that chose that token
-    # (output_reasoning=True), for the reasoning lens.
+    # Per step, (batch, d_R): the reasoner's vector after reading every token before that one,
+    # its own reading of what comes next; the generator takes it in with that token's embedding
+    # at the following step (output_reasoning=True), for the reasoning lens.
     reasoning: list[torch.Tensor] | None = None
     # Per row, the decode step whose token is the answer's first, for decoders that write
     # something else first (CoT's rationale); None: the answer starts at the first step.
@@ -193,7 +194,8 @@ class StepDecoder(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no static-cache steps")
 
     def reasoning(self) -> torch.Tensor | None:
-        """The reasoning vector fused into the step that produced the current logits, if any."""
+        """The reasoner's vector at the last position read (h_{i-1} for the token i the current
+        logits choose), if any: fused with token i's embedding at the next step, not this one."""
         return None
 
     def keep_rows(self, index: torch.Tensor) -> bool:

@@ -163,6 +163,12 @@ class AdapterReasoner(Reasoner):
         return {}
 
     def reason(self, input_ids, attention_mask, position_ids, **kwargs):
+        if self.lm.training and torch.is_grad_enabled() and any(
+                getattr(m, "gradient_checkpointing", False) for m in self.lm.modules()):
+            # The backward pass would re-run the layers outside `rows.active`, without the adapter,
+            # and fail deep in torch ("Number of tensors saved during forward ...").
+            raise FlyThinkerError("FlyThinker-shared (reasoner: shared) cannot train with gradient_checkpointing: "
+                                  "recomputed layers would skip its adapter; turn it off or use a separate reasoner")
         with self.rows.active(slice(None)):
             return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
