@@ -185,6 +185,16 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tokenizer):
         model.generate(ids, max_new_tokens=2)
 
 
+def test_models_wrapped_in_memory_record_where_they_were_loaded_from(tokenizer, tmp_path):
+    generator, reasoner = build_tiny(), build_tiny()
+    generator.save_pretrained(tmp_path / "gen")
+    loaded = type(generator).from_pretrained(tmp_path / "gen")
+    model = FlyThinker.from_models(reasoner, loaded, tokenizer)
+    # The checkpoint's config names the loaded generator; the reasoner, built in memory, has no name.
+    assert model.config.generator == str(tmp_path / "gen") and model.config.reasoner == FlyThinkerConfig().reasoner
+    assert FlyThinker.shared(loaded, tokenizer).config.generator == str(tmp_path / "gen")
+
+
 def test_non_causal_lm_is_rejected(tokenizer):
     with pytest.raises(FlyThinkerError, match="causal LM"):
         FlyThinker.from_models(torch.nn.Linear(2, 2), build_tiny(), tokenizer)  # type: ignore[arg-type]

@@ -112,7 +112,9 @@ class FlyThinker(nn.Module):
         tokenizer: PreTrainedTokenizerBase | None = None,
         **config: object,
     ) -> FlyThinker:
-        """Wrap two causal LMs already in memory; keyword arguments are `FlyThinkerConfig` fields."""
+        """Wrap two causal LMs already in memory; keyword arguments are `FlyThinkerConfig` fields
+        (``reasoner`` and ``generator`` default to where the models were loaded from)."""
+        config = {**_loaded_from(reasoner=reasoner, generator=generator), **config}
         return cls(reasoner, generator, FlyThinkerConfig(**config), tokenizer)  # type: ignore[arg-type]
 
     @classmethod
@@ -121,7 +123,7 @@ class FlyThinker(nn.Module):
     ) -> FlyThinker:
         """FlyThinker-shared from one causal LM in memory (its linear layers gain the reasoner's
         adapter in place); keyword arguments are `FlyThinkerConfig` fields."""
-        settings = FlyThinkerConfig(**{**config, "reasoner": SHARED_REASONER})  # type: ignore[arg-type]
+        settings = FlyThinkerConfig(**{**_loaded_from(generator=generator), **config, "reasoner": SHARED_REASONER})  # type: ignore[arg-type]
         return cls(AdapterReasoner(generator, settings), generator, settings, tokenizer)
 
     @classmethod
@@ -397,3 +399,9 @@ def _explain_not_a_checkpoint(root: Path) -> None:
             f"{root} is a plain language-model checkpoint (an SFT or baseline run, or a base model), "
             "not a FlyThinker one (no flythinker_config.json); pass a checkpoint of a flythinker run"
         )
+
+
+def _loaded_from(**models: PreTrainedModel) -> dict[str, str]:
+    """Each model's name or path as loaded, for the config a checkpoint records (models built
+    from a config in memory have none, and keep the config's default)."""
+    return {role: model.name_or_path for role, model in models.items() if getattr(model, "name_or_path", "")}
