@@ -166,6 +166,14 @@ def test_two_device_overlap_is_refused(make_shared, prompt_batch):
         make_shared().generate(prompt_batch.input_ids, max_new_tokens=2, overlap="devices")
 
 
+def test_a_generator_that_reworks_its_logits_is_refused(make_shared, prompt_batch):
+    # Gemma 2's soft-capping happens after the LM head, which the one-forward step reads directly.
+    model = make_shared()
+    model.generator.config.final_logit_softcapping = 30.0
+    with pytest.raises(FlyThinkerError, match="would skip final_logit_softcapping"):
+        model.generate(prompt_batch.input_ids, max_new_tokens=2)
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_batched_roles_on_cuda_give_the_cpu_tokens(make_shared, prompt_batch):

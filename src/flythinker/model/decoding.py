@@ -345,6 +345,10 @@ class FlyThinkerDecoder(StepDecoder):
         return self.h_prev.clone()
 
 
+# Config fields of LM classes that change the logits after the LM head (Gemma 2/3, Cohere, Granite).
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 class SharedDecoder(StepDecoder):
     """Both roles in one forward per step: rows [0, B) are the generator, rows [B, 2B) the reasoner.
 
@@ -354,6 +358,14 @@ class SharedDecoder(StepDecoder):
     """
 
     def __init__(self, model: FlyThinker, adapter_rows: AdapterRows, steps: str = "dynamic", compile: bool = False) -> None:
+        # A step reads the LM head directly (only the generator rows need logits), so it would
+        # skip what some LM classes do to the logits after it, and decode other tokens than the
+        # training forward scores.
+        changed = [key for key in LOGIT_POSTPROCESSING if getattr(model.generator.config, key, None) not in (None, 1, 1.0)]
+        if changed:
+            raise FlyThinkerError(
+                f"FlyThinker-shared decoding reads the LM head directly and would skip {changed[0]} of this "
+                f"{model.generator.config.model_type} model; use a separate reasoner with it")
         self.model = self.owner = model
         self.adapter_rows = adapter_rows
         self.lm = model.generator
