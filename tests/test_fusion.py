@@ -322,6 +322,8 @@ def test_a_frozen_reasoner_stays_as_loaded_while_the_generator_and_fusion_train(
     assert "fusion.projection.weight" in moved and any(n.startswith("generator.") for n in moved)
     loaded = FlyThinker.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
     assert loaded.config.train_reasoner is False  # a checkpoint trains on as it was set
+    # Loaded in one mode, eval, fusion included: a plain forward drops no signal.
+    assert not any(module.training for module in loaded.modules())
 
 
 def test_a_frozen_shared_reasoner_keeps_its_adapter(tokenizer, tmp_path):

@@ -96,6 +96,9 @@ class FlyThinker(nn.Module):
         if not config.train_reasoner:
             for parameter in reasoner.own_parameters():
                 parameter.requires_grad_(False)
+        # One mode for every part, the generator's: loaded models come in eval mode, and a fresh
+        # Fusion in train mode would otherwise drop signal (signal_dropout) in a plain forward.
+        self.train(generator.training)
 
     @property
     def reasoner(self) -> PreTrainedModel:
