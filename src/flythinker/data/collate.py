@@ -76,7 +76,7 @@ def encode_prompts(
     empty = [i for i, row in enumerate(ids) if not row]
     if empty:
         raise FlyThinkerError(f"empty prompt(s) at position(s) {empty}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     return {
         k: v
         for k, v in collate([Encoded(row, [-100] * len(row)) for row in ids], pad).items()
@@ -111,3 +111,8 @@ def read_prompt_target_jsonl(path: str | Path) -> list[Example]:
     if not examples:
         raise FlyThinkerError(f"{path}: no records")
     return examples
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """What batches are padded with: the pad token, else EOS (padding is masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

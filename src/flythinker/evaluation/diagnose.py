@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from flythinker.config import FlyThinkerConfig
-from flythinker.data.collate import collate, encode
+from flythinker.data.collate import collate, encode, pad_id
 from flythinker.data.longlamp import load_longlamp
 from flythinker.data.prompts import PromptBudgets, records_to_examples
 from flythinker.errors import FlyThinkerError
@@ -231,7 +231,7 @@ def diagnose_command(
     assert tokenizer is not None
     examples = records_to_examples(records, tokenizer, "profile", budgets=budgets)
     encoded = [encode(tokenizer, e, budgets.prompt_tokens, budgets.target_tokens) for e in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     batches = [collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
     settings = {"data": data, "task": task, "split": split, "records": len(records), "budgets": budgets.__dict__}
     if checkpoint:

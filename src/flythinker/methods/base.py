@@ -25,7 +25,7 @@ from flythinker.config import (
     TrainConfig,
     require,
 )
-from flythinker.data.collate import Encoded, Example, encode, encode_prompts
+from flythinker.data.collate import Encoded, Example, encode, encode_prompts, pad_id
 from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.data.prompts import PromptBudgets, PromptStyle, records_to_examples
 from flythinker.data.retrieval import RETRIEVERS, make_retriever
@@ -228,7 +228,7 @@ class Method(ABC):
     def pad_token_id(self) -> int:
         """What batches of this method's prompts are padded with (EOS where the tokenizer has no pad)."""
         assert self.tokenizer is not None, "build() first"
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return pad_id(self.tokenizer)
 
     # --- prediction ----------------------------------------------------------------------
     def predict(

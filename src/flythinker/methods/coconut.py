@@ -33,11 +33,10 @@ cache. (Coconut's reference decoder re-runs the whole prefix for each token at b
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutput
 
 from flythinker.config import GenerationConfig, TrainConfig
-from flythinker.data.collate import Encoded, Example
+from flythinker.data.collate import Encoded, Example, pad_id
 from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.errors import FlyThinkerError
 from flythinker.io import append_jsonl
@@ -59,6 +58,7 @@ from flythinker.model.decoding import (
     StepDecoder,
     cache_kwargs,
     decode,
+    eval_mode,
     position_ids_from_mask,
 )
 from flythinker.training.train import LOG_NAME, TrainResult, save_checkpoint, train
@@ -363,17 +363,6 @@ class LatentThoughtDecoder(StepDecoder):
         ).logits[:, -1].float()
 
 
-@contextlib.contextmanager
-def _inference(module: torch.nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        module.train(was_training)
-
-
 def generate_latent(
     lm: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -391,9 +380,9 @@ def generate_latent(
         _warn_eager_once()
     decoder = LatentThoughtDecoder(lm, ThoughtMarkers.of(tokenizer), latents)
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     context = getattr(lm.config, "max_position_embeddings", None)
-    with _inference(lm):
+    with eval_mode(lm), torch.no_grad():
         return decode(
             decoder, input_ids, attention_mask, config, eos_token_id=eos, pad_token_id=pad,
             # The thought block takes context the loop does not see.

@@ -35,7 +35,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flythinker.config import GenerationConfig
-from flythinker.data.collate import Encoded, Example, collate, encode_prompts
+from flythinker.data.collate import Encoded, Example, collate, encode_prompts, pad_id
 from flythinker.data.longlamp import LongLaMPRecord
 from flythinker.data.prompts import (
     PromptBudgets,
@@ -304,7 +304,7 @@ class CoT(LMMethod):
         rationale_steps = thinking.sequences.shape[1]
         marker = tokenizer(ANSWER_MARKER, add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        pad = pad_id(tokenizer)
         heads: list[list[int]] = []  # per row: what precedes the answer in the output
         answering: list[int] = []  # rows that go on to the answer phase
         for row in range(len(input_ids)):

@@ -463,7 +463,7 @@ def generate(
     arguments that are `GenerationConfig` fields override ``config``.
     """
     config, options = _split_overrides(config, kwargs)
-    with _eval_mode(model):
+    with eval_mode(model):
         return decode(model.step_decoder(config.overlap, _step_mode(config), config.compile), input_ids, attention_mask, config,
                       **_defaults(model.tokenizer, model.generator, model.context_length(), options))
 
@@ -479,7 +479,7 @@ def generate_plain(
 ) -> GenerationOutput:
     """The same loop, sampler and stopping rule for a plain causal LM (SFT and zero-shot baselines)."""
     config, options = _split_overrides(config, kwargs)
-    with _eval_mode(lm):
+    with eval_mode(lm):
         context = getattr(lm.config, "max_position_embeddings", None)
         return decode(CausalLMDecoder(lm, _step_mode(config), config.compile), input_ids, attention_mask, config,
                       **_defaults(tokenizer, lm, context, options))
@@ -611,7 +611,8 @@ def _defaults(
 
 
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode for the block, then back in the mode it was in."""
     was_training = module.training
     module.eval()
     try:

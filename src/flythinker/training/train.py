@@ -34,7 +34,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from flythinker.config import FlyThinkerConfig, TrainConfig
-from flythinker.data.collate import Encoded, Example, collate, encode, read_prompt_target_jsonl
+from flythinker.data.collate import (
+    Encoded,
+    Example,
+    collate,
+    encode,
+    pad_id,
+    read_prompt_target_jsonl,
+)
 from flythinker.errors import FlyThinkerError
 from flythinker.io import append_jsonl, atomic_directory, to_plain, write_yaml
 from flythinker.model.decoding import position_ids_from_mask
@@ -144,7 +151,7 @@ def train(
     signature = _signature(config, plan, encoded, accelerator.unwrap_model(model))
     state = _start(accelerator, out_dir, log_path, signature, config.resume)
     resumed_from = state.step if state.losses else None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     model.train()
     progress = tqdm(
         total=plan.total_steps,
