@@ -123,7 +123,7 @@ def _publish(partial: Path, final: Path, state: TrainerState) -> None:
     # trainer_state.json is written last and names every other file: a directory without it,
     # or with a file missing or short, is not a state.
     (partial / STATE_NAME).write_text(json.dumps(record, indent=1) + "\n")
-    if final.exists():  # the same step saved again after a resume
+    if final.exists():  # a damaged state of this step, passed over when the run resumed earlier
         shutil.rmtree(final)
     os.replace(partial, final)
 
