@@ -43,6 +43,11 @@ class FlyThinkerSettings:
     rows (`flythinker.methods.MethodConfig`) inherit these fields, so a new knob is one field here
     (and its check below) plus the code that uses it.
 
+    The defaults are the published method, which every config that leaves them out (the paper's
+    and its ablations) reproduces. With a same-model pair on real text that fusion ends far worse
+    than SFT; ``fusion="linear", projection_init="zero"`` starts exactly at SFT and is the best
+    setting measured, level with SFT, not above it (docs/results/start_at_sft.md); the demo uses it.
+
     Attributes:
         lam: lambda, the weight of the reasoning vector in the generator's input. 0 recovers
             plain SFT exactly; the paper finds 0.2-2 beats SFT and 5 degrades. Published: 0.5.
