@@ -56,8 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = build_lm(args.shape, torch.float32, torch.device("cpu"))
-    fly = FlyThinker.from_models(copy.deepcopy(g), copy.deepcopy(g)).eval()
-    shared = FlyThinker.shared(copy.deepcopy(g)).eval()
+    fly = FlyThinker.from_models(copy.deepcopy(g), copy.deepcopy(g), fusion="pad").eval()
+    shared = FlyThinker.shared(copy.deepcopy(g), fusion="pad").eval()
     ids = torch.randint(3, g.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     makers = {
         "sft": lambda steps, compiled: lambda: CausalLMDecoder(g.eval(), steps, compiled),

@@ -36,7 +36,7 @@ def main() -> None:
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 15
     torch.set_num_threads(threads)
     g = build_lm("qwen2.5-0.5b", torch.float32, torch.device("cpu"))
-    shared = FlyThinker.shared(copy.deepcopy(g)).eval()
+    shared = FlyThinker.shared(copy.deepcopy(g), fusion="pad").eval()
     prepack_linears(shared.generator.get_decoder(), rows=2)
     prepack_linears(shared.generator)
     prepack_linears(g)

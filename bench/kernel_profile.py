@@ -48,7 +48,7 @@ def main() -> None:
     g = build_lm(shape, dtype, device)
     ids = torch.randint(3, g.config.vocab_size, (1, PROMPT), device=device)
     rows = profile_separate(g, build_lm(r_shape, dtype, device, seed=1), ids)
-    shared = FlyThinker.shared(g).eval()  # wraps g's linears in place: after the others
+    shared = FlyThinker.shared(g, fusion="pad").eval()  # wraps g's linears in place: after the others
     for graphs in (False, True):
         rows.append(profile_method(
             "flythinker-shared",
@@ -60,7 +60,7 @@ def main() -> None:
 
 def profile_separate(g, r, ids) -> list[dict]:
     """SFT on ``g`` and FlyThinker on ``r`` + ``g``, eager then with graphs."""
-    fly = FlyThinker.from_models(r, g).eval()
+    fly = FlyThinker.from_models(r, g, fusion="pad").eval()
     runs = {
         "sft": lambda n, graphs: generate_plain(g, ids, max_new_tokens=n, cuda_graphs=graphs, **NEVER),
         "flythinker": lambda n, graphs: fly.generate(ids, max_new_tokens=n, cuda_graphs=graphs, **NEVER),

@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 lm = load_causal_lm("smollm2-135m", dtype="float32")
 ids = torch.randint(3, lm.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
 mask = torch.ones_like(ids); pos = position_ids_from_mask(mask)
-for name, model in [("sft", copy.deepcopy(lm).train()), ("flythinker", FlyThinker.from_models(copy.deepcopy(lm), copy.deepcopy(lm), lam=0.5).train())]:
+for name, model in [("sft", copy.deepcopy(lm).train()), ("flythinker", FlyThinker.from_models(copy.deepcopy(lm), copy.deepcopy(lm), lam=0.5, fusion="pad").train())]:
     model(input_ids=ids, attention_mask=mask, labels=ids, position_ids=pos).loss.backward()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model(input_ids=ids, attention_mask=mask, labels=ids, position_ids=pos).loss.backward()

@@ -53,7 +53,7 @@ def main() -> None:
     for label, fused, compiled in variants:
         loss_sum = compiled_loss_sum() if compiled else forward_loss_sum
         sft = copy.deepcopy(lm).train()
-        fly = FlyThinker.from_models(copy.deepcopy(lm), copy.deepcopy(lm), lam=0.5).train()
+        fly = FlyThinker.from_models(copy.deepcopy(lm), copy.deepcopy(lm), lam=0.5, fusion="pad").train()
         optimizers = {"sft": make_optimizer(sft, 1e-5, 0.025, fused=fused),
                       "flythinker": make_optimizer(fly, 1e-5, 0.025, fused=fused)}
         models = {"sft": sft, "flythinker": fly}

@@ -74,11 +74,15 @@ def tokenizer():
 
 @pytest.fixture
 def make_model(tokenizer):
-    """``make_model(lam=0.5, fusion="pad", d_r=64, d_g=64, **cfg)`` -> FlyThinker in fp32."""
+    """``make_model(lam=0.5, fusion="pad", d_r=64, d_g=64, **cfg)`` -> FlyThinker in fp32.
+
+    A linear projection starts random unless a test asks for ``projection_init="zero"`` (the
+    model default): the invariants need a signal that changes the generator's output."""
 
     def make(lam: float = 0.5, fusion: str = "pad", d_r: int = 64, d_g: int = 64, **config) -> FlyThinker:
         reasoner = build_tiny(d_r, seed=1, **config.pop("reasoner_overrides", {}))
         generator = build_tiny(d_g, seed=2, **config.pop("generator_overrides", {}))
+        config.setdefault("projection_init", "random")
         torch.manual_seed(3)  # the linear projection's initialisation
         return FlyThinker.from_models(reasoner, generator, tokenizer, lam=lam, fusion=fusion, **config).eval()
 

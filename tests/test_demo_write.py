@@ -27,7 +27,7 @@ QUERY = 'Generate the review text for a product with description "Ceramic Mug". 
 def checkpoint(tmp_path_factory):
     from flythinker.model.sources import load_tokenizer
 
-    model = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), load_tokenizer("tiny"))
+    model = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), load_tokenizer("tiny"), fusion="pad")
     return model.save_pretrained(tmp_path_factory.mktemp("write") / "ckpt")
 
 

@@ -146,7 +146,7 @@ def weights_at_init(tmp_path: Path) -> dict[str, torch.Tensor]:
     from flythinker.model.flythinker import FlyThinker
     from flythinker.model.sources import load_causal_lm
 
-    model = FlyThinker.from_models(load_causal_lm("tiny-small"), load_causal_lm("tiny"))
+    model = FlyThinker.from_models(load_causal_lm("tiny-small"), load_causal_lm("tiny"), fusion="pad")
     model.save_pretrained(tmp_path / "init")
     return weights(tmp_path / "init")
 

@@ -34,6 +34,33 @@ def generator_logits(model, batch):
     return model.generator(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
 
 
+def test_a_model_starts_at_sft_by_default_and_a_run_row_at_the_published_fusion(tokenizer, prompt_batch):
+    # Defaults follow the real-data study for a model built directly; a run's method row keeps the
+    # paper's, so the paper's config and its ablations reproduce it without naming it.
+    from flythinker.methods import MethodConfig
+    from flythinker.model.sources import build_tiny
+
+    model = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), tokenizer).eval()
+    assert (model.config.fusion, model.config.projection_init) == ("linear", "zero")
+    out = model(prompt_batch.input_ids, prompt_batch.attention_mask)
+    assert torch.equal(out.logits, generator_logits(model, prompt_batch))
+    row = MethodConfig(method="flythinker")
+    assert (row.fusion, row.projection_init) == ("pad", "random")
+    assert row.flythinker_config("float32").fusion == "pad"
+
+
+def test_a_checkpoint_from_before_projection_init_loads_its_random_projection(make_model, prompt_batch, tmp_path):
+    model = make_model(lam=1.0, fusion="linear", d_r=32)  # projection_init "random", as every linear one was then
+    path = model.save_pretrained(tmp_path / "old")
+    saved = json.loads((path / "flythinker_config.json").read_text())
+    del saved["projection_init"]
+    (path / "flythinker_config.json").write_text(json.dumps(saved))
+    loaded = FlyThinker.from_pretrained(path)
+    assert loaded.config.projection_init == "random"
+    torch.testing.assert_close(loaded(prompt_batch.input_ids, prompt_batch.attention_mask).logits,
+                               model(prompt_batch.input_ids, prompt_batch.attention_mask).logits)
+
+
 def perturb_fusion(model: FlyThinker) -> None:
     """Move the fusion's learned parts off their zero start, as training would."""
     generator = torch.Generator().manual_seed(5)
@@ -217,10 +244,10 @@ def test_gate_is_logged_while_training(make_model, tokenizer, tmp_path):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [({"gate": "half"}, "gate must be"), ({"lam_warmup": 1.5}, "lam_warmup"),
-     ({"projection_init": "zero"}, "needs fusion='linear'"), ({"gate_scale": 0}, "gate_scale"),
+     ({"gate_scale": 0}, "gate_scale"),
      ({"fusion": "linear", "projection_scale": 0.0}, "projection_scale must be"),
-     ({"projection_scale": 10.0}, "projection_scale needs fusion='linear'"),
-     ({"fusion": "linear", "projection_scale": 10.0}, "changes nothing with projection_init='random'"),
+     ({"fusion": "pad", "projection_scale": 10.0}, "projection_scale needs fusion='linear'"),
+     ({"projection_init": "random", "projection_scale": 10.0}, "changes nothing with projection_init='random'"),
      ({"signal_dropout": 1.0}, "signal_dropout must be in"), ({"train_reasoner": "no"}, "train_reasoner must be")],
 )
 def test_bad_fusion_settings_name_the_field(fields, message):
@@ -270,7 +297,7 @@ def test_norm_reads_big_tables_in_blocks_exactly():
 
 def test_fusion_module_rejects_a_wide_reasoner_for_pad():
     with pytest.raises(FlyThinkerError, match="needs d_R <= d_G"):
-        Fusion(FlyThinkerConfig(), 64, 32, torch.float32, "cpu")
+        Fusion(FlyThinkerConfig(fusion="pad"), 64, 32, torch.float32, "cpu")
 
 
 def test_a_zero_projection_is_logged_opening(make_model, tokenizer, tmp_path):
@@ -299,7 +326,7 @@ def test_projection_scale_opens_a_zero_projection_that_many_times_faster(make_mo
 
 
 def test_signal_dropout_drops_whole_vectors_in_training_only():
-    config = FlyThinkerConfig(lam=1.0, rescale=False, signal_dropout=0.25)
+    config = FlyThinkerConfig(lam=1.0, fusion="pad", rescale=False, signal_dropout=0.25)
     fusion = Fusion(config, 16, 16, torch.float32, torch.device("cpu"))
     h = torch.randn(4, 500, 16)
     torch.manual_seed(0)

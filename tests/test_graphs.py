@@ -32,7 +32,7 @@ def tiny_model(kind: str, make_model, tokenizer):
         return build_tiny(64, seed=2).eval()
     if kind == "shared":
         torch.manual_seed(3)
-        return randomize_adapter(FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lam=1.0)).eval()
+        return randomize_adapter(FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lam=1.0, fusion="pad")).eval()
     fusion, d_r = ("pad", 32) if kind == "flythinker-pad" else ("linear", 64)
     return make_model(lam=1.0, fusion=fusion, d_r=d_r, d_g=64)
 

@@ -39,7 +39,7 @@ def test_packed_plain_lm_decodes_the_same(prompt_batch):
 
 def test_packed_shared_variant_decodes_the_same(tokenizer, prompt_batch):
     torch.manual_seed(3)
-    plain = randomize_adapter(FlyThinker.shared(build_tiny(128, seed=2), tokenizer, lam=1.0)).eval()
+    plain = randomize_adapter(FlyThinker.shared(build_tiny(128, seed=2), tokenizer, lam=1.0, fusion="pad")).eval()
     packed = copy.deepcopy(plain)
     assert prepack_linears(packed.generator.get_decoder(), rows=2) > 0
     prepack_linears(packed.generator)

@@ -34,7 +34,7 @@ from flythinker.model.sources import build_tiny, load_causal_lm, load_tokenizer
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     tokenizer = load_tokenizer("tiny")
-    flythinker = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), tokenizer)
+    flythinker = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), tokenizer, fusion="pad")
     sft = root / "sft"  # an SFT checkpoint is a plain causal LM directory with its tokenizer
     build_tiny(64, seed=3).save_pretrained(sft)
     tokenizer.save_pretrained(sft)

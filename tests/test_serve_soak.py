@@ -55,7 +55,7 @@ KINDS = [
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     tokenizer = load_tokenizer("tiny")
-    flythinker = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), tokenizer)
+    flythinker = FlyThinker.from_models(build_tiny(32, seed=1), build_tiny(64, seed=2), tokenizer, fusion="pad")
     checkpoint = flythinker.save_pretrained(tmp_path_factory.mktemp("serve_soak") / "flythinker")
     app = create_app(str(checkpoint), max_batch=8)
     with live_server(app) as url:

@@ -42,7 +42,7 @@ def randomize_adapter(model: FlyThinker, seed: int = 5) -> FlyThinker:
 def make_shared(tokenizer):
     def make(lam: float = 1.0, fusion: str = "pad") -> FlyThinker:
         torch.manual_seed(3)  # adapter A and the linear projection
-        model = FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lam=lam, fusion=fusion)
+        model = FlyThinker.shared(build_tiny(64, seed=2), tokenizer, lam=lam, fusion=fusion, projection_init="random")
         return randomize_adapter(model).eval()
 
     return make

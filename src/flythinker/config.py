@@ -43,10 +43,12 @@ class FlyThinkerSettings:
     rows (`flythinker.methods.MethodConfig`) inherit these fields, so a new knob is one field here
     (and its check below) plus the code that uses it.
 
-    The defaults are the published method, which every config that leaves them out (the paper's
-    and its ablations) reproduces. With a same-model pair on real text that fusion ends far worse
-    than SFT; ``fusion="linear", projection_init="zero"`` starts exactly at SFT and is the best
-    setting measured, level with SFT, not above it (docs/results/start_at_sft.md); the demo uses it.
+    The defaults here are the published method, so a run's method row that leaves them out (the
+    paper's config and its ablations) reproduces the paper. A model built directly
+    (`FlyThinkerConfig`, `flythinker train`) defaults instead to what the real-data study found
+    best: with a same-model pair the published pad fusion ends far worse than SFT, while
+    ``fusion="linear", projection_init="zero"`` starts exactly at SFT and ends level with it
+    (docs/results/start_at_sft.md).
 
     Attributes:
         lam: lambda, the weight of the reasoning vector in the generator's input. 0 recovers
@@ -69,6 +71,8 @@ class FlyThinkerSettings:
             projected, then rescaled) or "zero" (the vector is rescaled, then projected by a
             matrix that starts at zero: FlyThinker starts exactly at SFT and the direction the
             generator reads is learned, not inherited from the reasoner's next-token direction).
+            Pad fusion has no projection: a model's config (default "zero") ignores it there, a
+            run's method row (default "random") refuses "zero" with it.
         projection_scale: The projection is stored divided by this (1: as is), so it moves this
             many times faster than the weights, for the reason gate_scale exists: a projection
             that starts at zero opens by about lr per entry per step, and at a fine-tuning lr it
@@ -160,8 +164,11 @@ class FlyThinkerSettings:
             self.projection_init in ("random", "zero"),
             f"projection_init must be 'random' or 'zero', got {self.projection_init!r}",
         )
+        # Where "zero" is not the default, asking for it with pad fusion is a mistake worth naming
+        # (the start-at-SFT projection without fusion: linear); where it is, pad simply ignores it.
+        default_init = next(f.default for f in dataclasses.fields(self) if f.name == "projection_init")
         require(
-            self.projection_init == "random" or self.fusion == "linear",
+            self.projection_init == "random" or self.fusion == "linear" or default_init == "zero",
             "projection_init='zero' needs fusion='linear' (pad fusion has no projection)",
         )
 
@@ -185,6 +192,9 @@ class FlyThinkerConfig(FlyThinkerSettings):
     reasoner: str = "tiny"
     generator: str = "tiny"
     dtype: DType = "float32"
+    # The study's best setting, not the published one (see `FlyThinkerSettings`).
+    fusion: Fusion = "linear"
+    projection_init: ProjectionInit = "zero"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -202,6 +212,8 @@ class FlyThinkerConfig(FlyThinkerSettings):
             raw = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise FlyThinkerError(f"cannot read FlyThinker config {path}: {exc}") from exc
+        if isinstance(raw, dict):  # saved before projection_init existed: its projection was random
+            raw.setdefault("projection_init", "random")
         return from_dict(cls, raw, source=str(path))
 
 

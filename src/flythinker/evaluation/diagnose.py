@@ -60,9 +60,9 @@ def diagnose(
     d_r, d_g, device = model.reasoner_width, model.generator_width, model.generator.device
     if d_r > d_g:
         raise FlyThinkerError(f"the published (pad) fusion needs d_R <= d_G; this pair has {d_r} > {d_g}")
-    published = Fusion(FlyThinkerConfig(lam=1.0), d_r, d_g, torch.float32, device)
+    published = Fusion(FlyThinkerConfig(lam=1.0, fusion="pad"), d_r, d_g, torch.float32, device)
     torch.manual_seed(seed)  # the linear control's projection
-    linear = Fusion(FlyThinkerConfig(lam=1.0, fusion="linear"), d_r, d_g, torch.float32, device)
+    linear = Fusion(FlyThinkerConfig(lam=1.0, fusion="linear", projection_init="random"), d_r, d_g, torch.float32, device)
     generator = torch.Generator().manual_seed(seed)
     norm_target = model.target_norm()
     table = model.generator.get_input_embeddings().weight.detach().float()

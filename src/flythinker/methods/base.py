@@ -42,9 +42,10 @@ class MethodConfig(FlyThinkerSettings):
 
     FlyThinker's knobs (lam, fusion, rescale, lam_warmup, gate, gate_scale, projection_init,
     projection_scale, lora_rank, lora_alpha, lora_targets) are inherited from
-    `flythinker.config.FlyThinkerSettings`, with its defaults and its checks, so a bad value in
-    any row fails when the run config is loaded, before the first row trains. Rows of other
-    methods leave them at their defaults.
+    `flythinker.config.FlyThinkerSettings`, with its defaults (the published method, so the
+    paper's config reproduces it; a model built directly defaults to the start-at-SFT projection
+    instead) and its checks, so a bad value in any row fails when the run config is loaded,
+    before the first row trains. Rows of other methods leave them at their defaults.
 
     Attributes:
         method: non_personalized, rag, sft, cot, coconut or flythinker.
