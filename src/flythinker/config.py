@@ -166,9 +166,8 @@ class FlyThinkerSettings:
         )
         # Where "zero" is not the default, asking for it with pad fusion is a mistake worth naming
         # (the start-at-SFT projection without fusion: linear); where it is, pad simply ignores it.
-        default_init = next(f.default for f in dataclasses.fields(self) if f.name == "projection_init")
         require(
-            self.projection_init == "random" or self.fusion == "linear" or default_init == "zero",
+            self.projection_init == "random" or self.fusion == "linear" or type(self).projection_init == "zero",
             "projection_init='zero' needs fusion='linear' (pad fusion has no projection)",
         )
 

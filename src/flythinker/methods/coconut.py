@@ -61,6 +61,7 @@ from flythinker.model.decoding import (
     eval_mode,
     position_ids_from_mask,
 )
+from flythinker.model.sources import trains_checkpointed
 from flythinker.training.train import LOG_NAME, TrainResult, save_checkpoint, train
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ class LatentLM(torch.nn.Module):
         if not bool((input_ids == LATENT_SLOT).any()):
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
             return CausalLMOutput(loss=out.loss, logits=out.logits)
-        if self.training and torch.is_grad_enabled() and _checkpointed(self.lm):
+        if self.training and trains_checkpointed(self.lm):
             # Checkpointed layers drop the KV cache, and the latent passes read nothing else.
             raise FlyThinkerError("coconut cannot train with gradient_checkpointing: latent thoughts need the KV cache")
         batch = align_latent_slots(input_ids, attention_mask)
@@ -301,10 +302,6 @@ class LatentLM(torch.nn.Module):
         if state_dict is not None:  # gathered from this wrapper: its keys carry our "lm." prefix
             kwargs["state_dict"] = {k.removeprefix("lm."): v for k, v in state_dict.items()}
         self.lm.save_pretrained(path, **kwargs)
-
-
-def _checkpointed(lm: PreTrainedModel) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
 
 
 def _check_no_labels_before_answer(labels: torch.Tensor, batch: LatentBatch) -> None:

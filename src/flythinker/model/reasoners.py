@@ -35,7 +35,14 @@ from flythinker.config import SHARED_REASONER, FlyThinkerConfig
 from flythinker.errors import FlyThinkerError
 from flythinker.model.adapter import AdapterRows, attach_adapter
 from flythinker.model.decoding import FlyThinkerDecoder, SharedDecoder, StepDecoder
-from flythinker.model.sources import DAMAGED, first_line, load_causal_lm, load_lm, load_tokenizer
+from flythinker.model.sources import (
+    DAMAGED,
+    first_line,
+    load_causal_lm,
+    load_lm,
+    load_tokenizer,
+    trains_checkpointed,
+)
 
 if TYPE_CHECKING:
     from flythinker.model.flythinker import FlyThinker
@@ -163,8 +170,7 @@ class AdapterReasoner(Reasoner):
         return {}
 
     def reason(self, input_ids, attention_mask, position_ids, **kwargs):
-        if self.lm.training and torch.is_grad_enabled() and any(
-                getattr(m, "gradient_checkpointing", False) for m in self.lm.modules()):
+        if trains_checkpointed(self.lm):
             # The backward pass would re-run the layers outside `rows.active`, without the adapter,
             # and fail deep in torch ("Number of tensors saved during forward ...").
             raise FlyThinkerError("FlyThinker-shared (reasoner: shared) cannot train with gradient_checkpointing: "

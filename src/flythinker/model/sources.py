@@ -220,6 +220,12 @@ def check_safetensors(path: Path) -> None:
         raise FlyThinkerError(f"{path}: damaged weights file ({first_line(exc)}); copy or save it again") from None
 
 
+def trains_checkpointed(lm: torch.nn.Module) -> bool:
+    """Whether a forward of ``lm`` now builds a graph whose backward recomputes checkpointed
+    layers (`TrainConfig.gradient_checkpointing`), re-running them outside the caller's context."""
+    return lm.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     text = str(exc).strip().splitlines()
